@@ -1,0 +1,231 @@
+"""Self-describing checkpoint folders, written atomically and loaded strictly and safely.
+
+Layout of ``<run>/checkpoints/step_0001000/``::
+
+    model.safetensors      backbone weights (Llama-style names)
+    objective.safetensors  the objective's own parameters (dynamics model, extra heads)
+    config.yaml            the full resolved run configuration
+    meta.json              format, version, step, metrics
+    trainer.safetensors    optimizer moments and RNG states, for exact resume
+    trainer.json           optimizer hyper-parameters and the Python RNG state
+
+Nothing is unpickled: tensors go through safetensors, everything else is YAML or JSON. A folder
+is written under a temporary name and renamed into place, so an interrupted save never leaves a
+half-written checkpoint behind and never destroys the previous one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from nextlat import __version__
+from nextlat.config import Config, ConfigError, config_from_dict, read_yaml
+
+FORMAT = "nextlat-checkpoint"
+FORMAT_VERSION = 1
+_REQUIRED = ("meta.json", "config.yaml", "model.safetensors", "objective.safetensors")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder is missing, foreign, corrupt or does not match the model."""
+
+
+def _fsync_write(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _state(module: nn.Module) -> dict[str, torch.Tensor]:
+    # contiguous clones: safetensors refuses shared or strided storage
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
+
+
+def save_checkpoint(
+    path: str | Path,
+    *,
+    cfg: Config,
+    model: nn.Module,
+    objective: nn.Module,
+    step: int,
+    metrics: dict[str, Any] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    param_names: dict[int, str] | None = None,
+) -> Path:
+    """Write a checkpoint folder atomically. ``param_names`` maps id(param) -> name for the optimizer state."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file(_state(model), tmp / "model.safetensors")
+    save_file(_state(objective), tmp / "objective.safetensors")
+    _fsync_write(tmp / "config.yaml", cfg.to_yaml())
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "nextlat_version": __version__,
+        "step": step,
+        "metrics": metrics or {},
+        "objective": cfg.objective.name,
+        "task": cfg.task.name,
+        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "has_trainer_state": optimizer is not None,
+    }
+    if optimizer is not None:
+        tensors, info = _trainer_state(optimizer, param_names or {})
+        save_file(tensors, tmp / "trainer.safetensors")
+        _fsync_write(tmp / "trainer.json", json.dumps(info))
+    _fsync_write(tmp / "meta.json", json.dumps(meta, indent=2))  # written last: marks the folder complete
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    if old.exists():
+        shutil.rmtree(old)
+    return path
+
+
+def _trainer_state(opt: torch.optim.Optimizer, names: dict[int, str]) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    groups = []
+    for group in opt.param_groups:
+        groups.append({k: v for k, v in group.items() if k != "params"})
+        for p in group["params"]:
+            for key, value in opt.state.get(p, {}).items():
+                tensors[f"opt.{names[id(p)]}.{key}"] = value.detach().to("cpu").contiguous().clone()
+    version, internal, gauss = random.getstate()
+    info = {"param_groups": groups, "python_rng": [version, list(internal), gauss]}
+    return tensors, info
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    cfg: Config
+    meta: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return int(self.meta["step"])
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """Validate a checkpoint folder and read its config and metadata (no tensors yet)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a folder")
+    missing = [f for f in _REQUIRED if not (path / f).is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint {str(path)!r} is missing {', '.join(missing)}: not a nextlat checkpoint")
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path / 'meta.json'}: corrupt metadata ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path / 'meta.json'}: format is {meta.get('format') if isinstance(meta, dict) else meta!r}, "
+                              f"expected {FORMAT!r}: not a nextlat checkpoint")
+    if not isinstance(meta.get("format_version"), int) or meta["format_version"] > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {meta.get('format_version')!r} is newer than this "
+                              f"nextlat supports ({FORMAT_VERSION}); upgrade nextlat")
+    try:
+        cfg = config_from_dict(read_yaml(path / "config.yaml"))
+    except ConfigError as e:
+        raise CheckpointError(f"{path / 'config.yaml'}: {e}") from None
+    return Checkpoint(path, cfg, meta)
+
+
+def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(file)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: corrupt or unreadable safetensors file ({e})") from None
+
+
+def load_weights(ckpt: Checkpoint, model: nn.Module, objective: nn.Module) -> None:
+    """Load weights strictly: every key present, none extra, every shape equal."""
+    for file, module in (("model.safetensors", model), ("objective.safetensors", objective)):
+        state = _load_tensors(ckpt.path / file)
+        expected = module.state_dict()
+        missing = sorted(set(expected) - set(state))
+        extra = sorted(set(state) - set(expected))
+        if missing or extra:
+            raise CheckpointError(f"{ckpt.path / file}: keys do not match the model "
+                                  f"(missing {missing[:5]}, unexpected {extra[:5]})")
+        for k, v in state.items():
+            if v.shape != expected[k].shape:
+                raise CheckpointError(f"{ckpt.path / file}: {k} has shape {tuple(v.shape)}, "
+                                      f"the model expects {tuple(expected[k].shape)}")
+        module.load_state_dict(state, strict=True)
+
+
+def load_trainer_state(ckpt: Checkpoint, opt: torch.optim.Optimizer, names: dict[int, str]) -> None:
+    """Restore optimizer moments, hyper-parameters and RNG states for an exact resume."""
+    if not ckpt.meta.get("has_trainer_state") or not (ckpt.path / "trainer.safetensors").is_file():
+        raise CheckpointError(f"{ckpt.path}: holds no optimizer state (saved for inference only); cannot resume")
+    tensors = _load_tensors(ckpt.path / "trainer.safetensors")
+    try:
+        info = json.loads((ckpt.path / "trainer.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{ckpt.path / 'trainer.json'}: corrupt trainer state ({e})") from None
+    sd = opt.state_dict()
+    if len(info["param_groups"]) != len(sd["param_groups"]):
+        raise CheckpointError(f"{ckpt.path}: optimizer has {len(info['param_groups'])} groups, expected "
+                              f"{len(sd['param_groups'])}")
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    index = 0
+    for group in opt.param_groups:
+        for p in group["params"]:
+            prefix = f"opt.{names[id(p)]}."
+            entry = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            if entry:
+                state[index] = entry
+            index += 1
+    for saved, current in zip(info["param_groups"], sd["param_groups"]):
+        saved["params"] = current["params"]
+    opt.load_state_dict({"state": state, "param_groups": info["param_groups"]})
+    torch.set_rng_state(tensors["rng.torch"])
+    if torch.cuda.is_available():
+        cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+    version, internal, gauss = info["python_rng"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete step checkpoints of a run, oldest first."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p for p in ckpt_dir.glob("step_*") if (p / "meta.json").is_file())
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """Accept a checkpoint folder or a run folder (then its newest checkpoint)."""
+    path = Path(path)
+    if (path / "meta.json").is_file():
+        return path
+    found = list_checkpoints(path)
+    if found:
+        return found[-1]
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    raise CheckpointError(f"{str(path)!r} is neither a checkpoint folder nor a run folder with checkpoints")

@@ -1,0 +1,136 @@
+"""The ``nextlat`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+DEFAULT_RECIPE = "pathstar-demo"
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from nextlat.config import load_config
+    from nextlat.train import Trainer
+
+    cfg = load_config(args.recipe or DEFAULT_RECIPE, args.set)
+    results = Trainer(cfg, resume=args.resume, out_dir=args.out).fit()
+    print(json.dumps(results["eval"], indent=2))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from nextlat.train import load_components, resolve_device
+
+    comps, meta = load_components(args.checkpoint, resolve_device(args.device))
+    metrics = comps.task.evaluate(comps.model, comps.objective, device=resolve_device(args.device), seed=args.seed,
+                                  max_examples=args.examples)
+    print(json.dumps({"checkpoint": str(args.checkpoint), "step": meta["step"], **metrics}, indent=2))
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from nextlat.decoding import generate
+    from nextlat.train import load_components, resolve_device
+
+    device = resolve_device(args.device)
+    comps, _ = load_components(args.checkpoint, device)
+    tok = comps.task.tokenizer
+    ids = tok.encode(args.prompt)
+    if not ids:
+        raise ValueError("--prompt encodes to no tokens")
+    prompt = torch.tensor([ids], device=device)
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    comps.model.eval()
+    out = generate(comps.model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, generator=g, stop_id=tok.eos_id)
+    new = out[0, len(ids):].tolist()
+    if tok.eos_id in new:
+        new = new[: new.index(tok.eos_id) + 1]
+    print(tok.decode(new))
+    return 0
+
+
+def _cmd_bench_train(args: argparse.Namespace) -> int:
+    from nextlat.bench import bench_train
+
+    bench_train(args.recipe, args.set, objectives=args.objectives, horizons=args.horizons, repeats=args.repeats,
+                steps=args.steps, warmup=args.warmup, json_out=args.json)
+    return 0
+
+
+def _cmd_recipes(args: argparse.Namespace) -> int:
+    from nextlat.config import load_config, recipe_names
+
+    for name in recipe_names():
+        cfg = load_config(name)
+        print(f"{name:40s} {cfg.objective.name:12s} {cfg.task.name:10s} "
+              f"{cfg.model.n_layer}x{cfg.model.d_model}  {cfg.train.steps} steps x {cfg.train.batch_size}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nextlat", description="Next-Latent Prediction transformers")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train from a recipe (default: a small Path-Star run)")
+    t.add_argument("recipe", nargs="?", help=f"shipped recipe name or YAML path (default {DEFAULT_RECIPE})")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.lr=1e-3 (repeatable)")
+    t.add_argument("--out", help="run folder (default runs/<run_name>)")
+    t.add_argument("--resume", action="store_true", help="continue the run in the output folder from its newest checkpoint")
+    t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint on its task")
+    e.add_argument("checkpoint", help="checkpoint folder or run folder (newest checkpoint)")
+    e.add_argument("--examples", type=int, default=None, help="evaluate on at most this many test examples")
+    e.add_argument("--seed", type=int, default=0, help="seed for sampled evaluation")
+    e.add_argument("--device", default="auto")
+    e.set_defaults(func=_cmd_eval)
+
+    g = sub.add_parser("generate", help="continue a prompt with a checkpoint")
+    g.add_argument("checkpoint", help="checkpoint folder or run folder (newest checkpoint)")
+    g.add_argument("--prompt", required=True, help="prompt text in the task's tokenizer")
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto")
+    g.set_defaults(func=_cmd_generate)
+
+    b = sub.add_parser("bench-train", help="training step cost of objectives, side by side, as ratios to next-token")
+    b.add_argument("recipe", nargs="?", default="bench-train", help="recipe fixing model size and batch")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    b.add_argument("--objectives", nargs="+", default=["next_token", "next_latent"])
+    b.add_argument("--horizons", nargs="+", type=int, default=[1, 2, 8])
+    b.add_argument("--repeats", type=int, default=5, help="measurement rounds (objectives interleaved each round)")
+    b.add_argument("--steps", type=int, default=5, help="timed steps per objective per round")
+    b.add_argument("--warmup", type=int, default=2, help="untimed steps per objective before measuring")
+    b.add_argument("--json", help="also write the results to this JSON file")
+    b.set_defaults(func=_cmd_bench_train)
+
+    r = sub.add_parser("recipes", help="list the shipped recipes")
+    r.set_defaults(func=_cmd_recipes)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from nextlat.checkpoint import CheckpointError
+    from nextlat.config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"nextlat {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"nextlat {args.command}: interrupted (the newest complete checkpoint is kept)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,323 @@
+"""Typed run configuration, YAML recipes and dotted command-line overrides.
+
+A recipe is a serialised :class:`Config`. Loading is strict: unknown keys, wrong types and
+impossible values raise :class:`ConfigError` naming the offending key and value. Task settings
+are polymorphic: ``task.name`` selects the dataclass that validates the rest of ``task``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override is malformed; the message names the bad key and value."""
+
+
+@dataclass
+class ModelConfig:
+    """Decoder-only backbone (DESIGN.md section 1: the Llama architecture)."""
+
+    vocab_size: int = 0
+    """Vocabulary size; 0 takes the size of the task's tokenizer."""
+    n_layer: int = 4
+    """Number of transformer blocks."""
+    n_head: int = 4
+    """Attention heads per block; must divide d_model."""
+    d_model: int = 128
+    """Residual stream width D."""
+    mlp_hidden: int = 0
+    """SwiGLU hidden width; 0 means 128 * round(8 D / 3 / 128)."""
+    rope_base: float = 10000.0
+    """RoPE frequency base."""
+    max_seq_len: int = 1024
+    """Longest sequence (and RoPE table) the model supports."""
+    init_std: float = 0.02
+    """Standard deviation of the normal init of every matrix and the embedding."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+
+
+@dataclass
+class ObjectiveConfig:
+    """Training objective and its auxiliary terms (DESIGN.md sections 1 and 2)."""
+
+    name: str = "next_token"
+    """Objective name: next_token | next_latent."""
+    horizon: int = 1
+    """Rollout / prediction horizon d (next_latent: number of dynamics steps)."""
+    lambda_h: float = 1.0
+    """next_latent: weight of the Smooth-L1 next-hidden-state loss."""
+    lambda_kl: float = 1.0
+    """next_latent: weight of the KL loss through the detached LM head."""
+    proj_factor: float = 1.0
+    """next_latent: dynamics MLP width H = 128 * round(proj_factor * 2D / 128)."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, logging, evaluation and checkpointing."""
+
+    steps: int = 1000
+    """Optimizer steps."""
+    batch_size: int = 64
+    """Sequences per optimizer step (split over grad_accum micro-batches)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step; must divide batch_size."""
+    lr: float = 5e-4
+    """Peak learning rate."""
+    schedule: str = "constant"
+    """Learning-rate schedule: constant | cosine | wsd (warmup-stable-decay)."""
+    warmup_steps: int = 0
+    """Linear warmup steps from 0 to lr."""
+    decay_frac: float = 0.2
+    """wsd: fraction of the steps spent in the final linear decay."""
+    min_lr_ratio: float = 0.0
+    """cosine / wsd: final learning rate as a fraction of lr."""
+    weight_decay: float = 0.1
+    """AdamW weight decay, applied to matrices and embeddings only."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    seed: int = 0
+    """Seed for initialisation, data order and sampling."""
+    device: str = "auto"
+    """cpu | cuda | auto (cuda when available)."""
+    precision: str = "auto"
+    """fp32 | bf16 (autocast) | auto (bf16 on CUDA, fp32 on CPU)."""
+    threads: int = 0
+    """torch intra-op CPU threads; 0 keeps torch's default."""
+    log_every: int = 10
+    """Steps between metric log lines."""
+    eval_every: int = 0
+    """Steps between evaluations; 0 evaluates only at the end."""
+    ckpt_every: int = 0
+    """Steps between checkpoints; 0 saves only at the end."""
+    keep_checkpoints: int = 2
+    """How many step checkpoints to keep (the final one is always kept)."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+@dataclass
+class TaskConfig:
+    """Base class of the task settings; ``name`` selects the subclass."""
+
+    name: str = "pathstar"
+    """Task name (see nextlat.tasks)."""
+
+
+@dataclass
+class Config:
+    """A complete, self-describing training run."""
+
+    run_name: str = "run"
+    """Name of the run; the default output folder is runs/<run_name>."""
+    out_dir: str = ""
+    """Output folder for checkpoints and logs; empty means runs/<run_name>."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.out_dir or f"runs/{self.run_name}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def _task_class(name: Any, key: str) -> type[TaskConfig]:
+    from nextlat.tasks import TASKS  # local: tasks import config
+
+    if name not in TASKS:
+        raise ConfigError(f"{key}.name: unknown task {name!r} (known: {', '.join(sorted(TASKS))})")
+    return TASKS[name].config_class
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if arg is type(None) and value is None:
+                return None
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _coerce(value, args[0], key)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _from_dict(tp, value, key)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads '5e-4' (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - only the types above are used in configs
+        raise TypeError(f"unsupported config type {tp} at {key}")
+    raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def _from_dict(cls: type, data: Any, key: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{key or 'recipe'}: expected a mapping, got {data!r}")
+    if cls is TaskConfig:
+        cls = _task_class(data.get("name", TaskConfig.name), key)
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        where = f"{key}." if key else ""
+        raise ConfigError(
+            f"unknown key {where}{unknown[0]!s} (known under {key or 'the top level'}: {', '.join(names)})"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{key}.{k}" if key else k) for k, v in data.items()}
+    obj = cls(**kwargs)
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        validate()
+    return obj
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    cfg = _from_dict(Config, data, "")
+    validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg: Config) -> None:
+    m, o, t = cfg.model, cfg.objective, cfg.train
+    from nextlat.objectives import OBJECTIVES
+
+    checks = [
+        (m.n_layer >= 1, "model.n_layer", m.n_layer, "must be >= 1"),
+        (m.d_model >= 1 and m.n_head >= 1 and m.d_model % m.n_head == 0, "model.n_head", m.n_head,
+         f"must divide model.d_model={m.d_model}"),
+        ((m.d_model // max(m.n_head, 1)) % 2 == 0, "model.d_model", m.d_model, "head dim must be even for RoPE"),
+        (m.vocab_size >= 0, "model.vocab_size", m.vocab_size, "must be >= 0"),
+        (o.name in OBJECTIVES, "objective.name", o.name, f"unknown objective (known: {', '.join(sorted(OBJECTIVES))})"),
+        (o.horizon >= 1, "objective.horizon", o.horizon, "must be >= 1"),
+        (o.lambda_h >= 0 and o.lambda_kl >= 0, "objective.lambda_h/lambda_kl", (o.lambda_h, o.lambda_kl), "must be >= 0"),
+        (o.proj_factor > 0, "objective.proj_factor", o.proj_factor, "must be > 0"),
+        (t.steps >= 1, "train.steps", t.steps, "must be >= 1"),
+        (t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1"),
+        (t.grad_accum >= 1 and t.batch_size % t.grad_accum == 0, "train.grad_accum", t.grad_accum,
+         f"must divide train.batch_size={t.batch_size}"),
+        (t.lr > 0, "train.lr", t.lr, "must be > 0"),
+        (t.schedule in ("constant", "cosine", "wsd"), "train.schedule", t.schedule, "must be constant, cosine or wsd"),
+        (0 <= t.warmup_steps, "train.warmup_steps", t.warmup_steps, "must be >= 0"),
+        (0 < t.decay_frac <= 1, "train.decay_frac", t.decay_frac, "must be in (0, 1]"),
+        (0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]"),
+        (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"), "train.device", t.device,
+         "must be auto, cpu or cuda[:N]"),
+        (t.precision in ("auto", "fp32", "bf16"), "train.precision", t.precision, "must be auto, fp32 or bf16"),
+        (t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "must be >= 0"),
+        (t.log_every >= 1, "train.log_every", t.log_every, "must be >= 1"),
+        (t.eval_every >= 0 and t.ckpt_every >= 0, "train.eval_every/ckpt_every", (t.eval_every, t.ckpt_every),
+         "must be >= 0"),
+        (t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, "must be >= 1"),
+    ]
+    for ok, key, value, why in checks:
+        if not ok:
+            raise ConfigError(f"{key}={value!r}: {why}")
+
+
+def set_dotted(data: dict[str, Any], assignment: str) -> None:
+    """Apply one ``key.sub=value`` override to a raw recipe dict (value parsed as YAML)."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} is not of the form key=value")
+    key, raw = assignment.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {e}") from None
+    parts = key.strip().split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+RECIPE_DIR = Path(__file__).parent / "recipes"
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def resolve_recipe(recipe: str) -> Path:
+    """A recipe is a YAML path or the name of a shipped recipe."""
+    path = Path(recipe)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"recipe file {str(path)!r} does not exist")
+        return path
+    shipped = RECIPE_DIR / f"{recipe}.yaml"
+    if not shipped.is_file():
+        raise ConfigError(f"unknown recipe {recipe!r} (shipped: {', '.join(recipe_names())})")
+    return shipped
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"recipe file {str(path)!r} does not exist") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def load_config(recipe: str | None = None, overrides: list[str] | None = None) -> Config:
+    data = read_yaml(resolve_recipe(recipe)) if recipe else {}
+    for assignment in overrides or []:
+        set_dotted(data, assignment)
+    try:
+        return config_from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"{recipe or 'defaults'}: {e}") from None

@@ -1,0 +1,69 @@
+"""Reference decoding: greedy and sampled generation that recomputes the prefix every step.
+
+Simple and obviously correct, it is what task evaluations use on short sequences and what a
+cached engine must match. Sampling takes an explicit ``torch.Generator`` for reproducibility.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from nextlat.model import Transformer
+
+
+def process_logits(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """Apply temperature, top-k and top-p to (..., V) logits; returns the probabilities sampled from."""
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature}: must be > 0 for sampling (use greedy for 0)")
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def next_tokens(logits: Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                generator: torch.Generator | None = None) -> Tensor:
+    """(B, V) logits -> (B,) tokens: argmax when temperature is 0, otherwise a sample."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = process_logits(logits, temperature, top_k, top_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, *, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
+             stop_id: int | None = None) -> Tensor:
+    """Extend (B, T) prompts by up to ``max_new_tokens``; rows that emitted ``stop_id`` keep emitting it.
+
+    Returns (B, T + n) with n <= max_new_tokens (stops early once every row has stopped).
+    """
+    if prompt.dim() != 2:
+        raise ValueError(f"prompt must have shape (B, T), got {tuple(prompt.shape)}")
+    if prompt.shape[1] + max_new_tokens > model.cfg.max_seq_len:
+        raise ValueError(
+            f"prompt length {prompt.shape[1]} + max_new_tokens {max_new_tokens} exceeds "
+            f"model.max_seq_len={model.cfg.max_seq_len}"
+        )
+    seq = prompt
+    done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
+    for _ in range(max_new_tokens):
+        h, _ = model(seq)
+        tok = next_tokens(model.logits(h[:, -1]), temperature, top_k, top_p, generator)
+        if stop_id is not None:
+            tok = torch.where(done, torch.full_like(tok, stop_id), tok)
+            done |= tok == stop_id
+        seq = torch.cat([seq, tok[:, None]], dim=1)
+        if stop_id is not None and bool(done.all()):
+            break
+    return seq

@@ -1,0 +1,179 @@
+"""The decoder-only backbone shared by every objective (DESIGN.md section 1).
+
+Pre-norm blocks with RMSNorm, rotary position embeddings (half-split convention), SwiGLU MLPs,
+no biases, untied input embedding and LM head, N(0, init_std) init. Parameter names follow the
+Hugging Face Llama layout so that export is a pure renaming (``model.`` prefix aside).
+
+The forward pass returns hidden states (after the final norm, the tensor the LM head reads) and
+the token embeddings it used; logits are a separate call. Shapes: B batch, T time, D width,
+V vocabulary, H heads, Dh head width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nextlat.config import ModelConfig
+from nextlat.data import attention_mask_from_doc_ids, positions_from_doc_ids
+
+
+def mlp_hidden_width(d_model: int, factor: float) -> int:
+    """Round ``factor * d_model`` to a multiple of 128 (at least 128)."""
+    return max(128, 128 * round(factor * d_model / 128))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in fp32 for stability under bf16 autocast, as Llama does.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).to(x.dtype)
+
+
+class Rotary(nn.Module):
+    """Cos/sin tables for RoPE, gathered per token so packed documents restart at position 0."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, base: float):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)  # (T, Dh/2)
+        angles = torch.cat([angles, angles], dim=-1)  # (T, Dh), half-split layout
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def forward(self, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        # position_ids (B, T) -> cos, sin (B, 1, T, Dh), broadcast over heads
+        return self.cos[position_ids].unsqueeze(1), self.sin[position_ids].unsqueeze(1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.n_head = cfg.n_head
+        self.head_dim = d // cfg.n_head
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, d, bias=False)
+        self.v_proj = nn.Linear(d, d, bias=False)
+        self.o_proj = nn.Linear(d, d, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
+        B, T, D = x.shape
+        q, k, v = (
+            proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
+            for proj in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(d_model, hidden, bias=False)
+        self.up_proj = nn.Linear(d_model, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = cfg.mlp_hidden or mlp_hidden_width(cfg.d_model, 8 / 3)
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.d_model, hidden)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """Backbone: ``forward`` gives hidden states; ``logits`` applies the LM head."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size < 1:
+            raise ValueError(f"model.vocab_size={cfg.vocab_size}: must be set (>= 1) before building the model")
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.rotary = Rotary(cfg.d_model // cfg.n_head, cfg.max_seq_len, cfg.rope_base)
+        init_weights(self, cfg.init_std)
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """(B, T) token ids -> (B, T, D) embeddings, with a clear error for bad ids."""
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.cfg.vocab_size):
+            bad = input_ids[(input_ids < 0) | (input_ids >= self.cfg.vocab_size)][0].item()
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.cfg.vocab_size})")
+        return self.embed_tokens(input_ids)
+
+    def forward(
+        self, input_ids: Tensor, doc_ids: Tensor | None = None, position_ids: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Run the trunk.
+
+        input_ids: (B, T). doc_ids: optional (B, T) document index per token (packed sequences;
+        -1 marks padding); attention stays within a document and positions restart in each.
+        Returns (h, emb): h (B, T, D) final-norm hidden states, emb (B, T, D) input embeddings.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (B, T), got {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        emb = self.embed(input_ids)
+        mask = None
+        if doc_ids is not None:
+            if doc_ids.shape != input_ids.shape:
+                raise ValueError(f"doc_ids shape {tuple(doc_ids.shape)} != input_ids shape {tuple(input_ids.shape)}")
+            mask = attention_mask_from_doc_ids(doc_ids)  # (B, 1, T, T)
+            if position_ids is None:
+                position_ids = positions_from_doc_ids(doc_ids)
+        if position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        cos, sin = self.rotary(position_ids)
+        x = emb
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask)
+        return self.norm(x), emb
+
+    def logits(self, h: Tensor) -> Tensor:
+        """(..., D) hidden states -> (..., V) logits."""
+        return self.lm_head(h)
+
+
+def init_weights(module: nn.Module, std: float) -> None:
+    """N(0, std) for every Linear and Embedding; RMSNorm scales start at one."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, RMSNorm):
+            nn.init.ones_(m.weight)

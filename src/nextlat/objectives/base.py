@@ -1,0 +1,79 @@
+"""The objective interface.
+
+An objective is an ``nn.Module`` that owns its extra parameters (dynamics model, extra heads) and
+scores a backbone on a batch. It returns named loss terms as *sums with counts*, so that gradient
+accumulation and data parallelism reproduce the exact per-element mean: the trainer can divide
+each sum by a count taken over the whole optimizer step instead of one micro-batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nextlat.config import ObjectiveConfig
+from nextlat.data import IGNORE, Batch
+from nextlat.model import Transformer
+
+
+@dataclass
+class LossTerm:
+    sum: Tensor  # scalar: the term summed over its valid elements
+    count: Tensor  # scalar: the number of valid elements
+    weight: float  # coefficient in the total loss
+
+
+@dataclass
+class LossOutput:
+    terms: dict[str, LossTerm]
+
+    def loss(self, counts: dict[str, Tensor] | None = None) -> Tensor:
+        """Total loss: sum_k weight_k * sum_k / count_k (counts default to this batch's own)."""
+        total = None
+        for name, term in self.terms.items():
+            n = (counts[name] if counts is not None else term.count).clamp(min=1)
+            part = term.weight * term.sum / n
+            total = part if total is None else total + part
+        return total
+
+    @property
+    def n_tokens(self) -> int:
+        """Positions scored by the token loss."""
+        return int(self.terms["ce"].count)
+
+    def parts(self) -> dict[str, float]:
+        """Per-term means for logging; terms named 'x@i' (rollout steps) are averaged into 'x'."""
+        groups: dict[str, list[float]] = {}
+        for name, term in self.terms.items():
+            mean = (term.sum.detach() / term.count.clamp(min=1)).item()
+            groups.setdefault(name.split("@")[0], []).append(mean)
+        return {k: sum(v) / len(v) for k, v in groups.items()}
+
+
+class Objective(nn.Module):
+    """Base class: ``forward(model, batch) -> LossOutput``; ``counts(batch)`` needs no model."""
+
+    def __init__(self, cfg: ObjectiveConfig, model: Transformer):
+        super().__init__()
+        self.cfg = cfg
+
+    def counts(self, batch: Batch) -> dict[str, Tensor]:
+        """Valid-element counts of every term, from the masks alone (for exact accumulation)."""
+        return {"ce": (batch.targets != IGNORE).sum()}
+
+    def token_loss(self, logits: Tensor, batch: Batch) -> LossTerm:
+        """Summed next-token cross-entropy over positions whose target is not IGNORE."""
+        ce = F.cross_entropy(
+            logits.flatten(0, 1).float(), batch.targets.flatten(), ignore_index=IGNORE, reduction="sum"
+        )
+        return LossTerm(ce, (batch.targets != IGNORE).sum(), 1.0)
+
+    def forward(self, model: Transformer, batch: Batch) -> LossOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def count_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

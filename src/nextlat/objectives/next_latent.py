@@ -1,0 +1,102 @@
+"""NextLat: next-token prediction plus next-latent prediction (Teoh et al., arXiv 2511.05963).
+
+A small dynamics model p_psi predicts the transformer's next hidden state from the current one
+and the next token, h^_{t+1} = h_t + MLP(RMSNorm([E(x_{t+1}), h_t])). It is rolled out d steps
+with teacher forcing and trained against stop-gradient targets with a Smooth-L1 loss and a
+forward KL through the detached LM head (DESIGN.md section 1 states every rule implemented here).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nextlat.config import ObjectiveConfig
+from nextlat.data import IGNORE, Batch, transition_mask
+from nextlat.model import RMSNorm, Transformer, init_weights, mlp_hidden_width
+from nextlat.objectives.base import LossOutput, LossTerm, Objective
+
+
+class LatentDynamics(nn.Module):
+    """p_psi: (h_t, E(x_{t+1})) -> h^_{t+1}, a residual MLP over the normalised concatenation."""
+
+    def __init__(self, d_model: int, proj_factor: float = 1.0, init_std: float = 0.02, eps: float = 1e-5):
+        super().__init__()
+        hidden = mlp_hidden_width(2 * d_model, proj_factor)
+        self.norm = RMSNorm(2 * d_model, eps)
+        self.fc1 = nn.Linear(2 * d_model, hidden, bias=False)
+        self.fc2 = nn.Linear(hidden, hidden, bias=False)
+        self.fc3 = nn.Linear(hidden, d_model, bias=False)
+        init_weights(self, init_std)
+
+    def forward(self, h: Tensor, next_emb: Tensor) -> Tensor:
+        """h (..., D), next_emb (..., D) -> predicted next hidden state (..., D)."""
+        z = self.norm(torch.cat([next_emb, h], dim=-1))  # embedding first, then state
+        z = F.gelu(self.fc2(F.gelu(self.fc1(z))))
+        return h + self.fc3(z)
+
+
+class NextLatent(Objective):
+    """Loss = CE + lambda_h * L_next-h + lambda_kl * L_kl over a d-step rollout.
+
+    Terms ``next_h@i`` and ``kl@i`` (i = 1..d) each carry weight lambda / d, so the total is
+    (1/d) sum_i of per-step means, every mean taken over that step's own valid elements.
+    """
+
+    def __init__(self, cfg: ObjectiveConfig, model: Transformer):
+        super().__init__(cfg, model)
+        mc = model.cfg
+        self.dynamics = LatentDynamics(mc.d_model, cfg.proj_factor, mc.init_std, mc.norm_eps)
+
+    def _masks(self, batch: Batch, step: int) -> tuple[Tensor, Tensor]:
+        """(latent, kl) masks for transitions t -> t + step, each (B, T - step) bool.
+
+        The latent term scores every transition inside a document (prompts included); the KL
+        term additionally requires a token loss at the destination t + step.
+        """
+        B, T = batch.input_ids.shape
+        latent = transition_mask(batch.doc_ids, (B, T), step, batch.input_ids.device)
+        kl = latent & (batch.targets[:, step:] != IGNORE)
+        return latent, kl
+
+    def counts(self, batch: Batch) -> dict[str, Tensor]:
+        out = super().counts(batch)
+        D = self.dynamics.fc3.out_features
+        for i in range(1, min(self.cfg.horizon, batch.input_ids.shape[1] - 1) + 1):
+            latent, kl = self._masks(batch, i)
+            if self.cfg.lambda_h > 0:
+                out[f"next_h@{i}"] = latent.sum() * D
+            if self.cfg.lambda_kl > 0:
+                out[f"kl@{i}"] = kl.sum()
+        return out
+
+    def forward(self, model: Transformer, batch: Batch) -> LossOutput:
+        h, emb = model(batch.input_ids, batch.doc_ids)  # (B, T, D) each
+        logits = model.logits(h)  # (B, T, V)
+        terms = {"ce": self.token_loss(logits, batch)}
+        lam_h, lam_kl, d = self.cfg.lambda_h, self.cfg.lambda_kl, self.cfg.horizon
+        if lam_h == 0 and lam_kl == 0:
+            return LossOutput(terms)  # exactly the next-token loss
+
+        T = h.shape[1]
+        target_h = h.detach()  # stop-gradient targets
+        head_w = model.lm_head.weight.detach()  # the KL must not train the LM head
+        teacher_logp = F.log_softmax(logits.detach().float(), dim=-1) if lam_kl > 0 else None
+        h_hat = h  # rollout state; h^_t = h_t, never detached along the chain
+        for i in range(1, min(d, T - 1) + 1):
+            # h_hat[:, t] predicts h_{t+i-1}; feed the true token x_{t+i} (teacher forcing).
+            h_hat = self.dynamics(h_hat[:, : T - i], emb[:, i:])  # (B, T - i, D)
+            latent_mask, kl_mask = self._masks(batch, i)
+            if lam_h > 0:
+                l1 = F.smooth_l1_loss(h_hat.float(), target_h[:, i:].float(), reduction="none", beta=1.0)
+                m = latent_mask.unsqueeze(-1)
+                terms[f"next_h@{i}"] = LossTerm(
+                    (l1 * m).sum(), latent_mask.sum() * h.shape[-1], lam_h / d
+                )
+            if lam_kl > 0:
+                student_logp = F.log_softmax(F.linear(h_hat, head_w).float(), dim=-1)  # (B, T - i, V)
+                teacher = teacher_logp[:, i:]
+                kl = (teacher.exp() * (teacher - student_logp)).sum(-1)  # forward KL(p || q), (B, T - i)
+                terms[f"kl@{i}"] = LossTerm((kl * kl_mask).sum(), kl_mask.sum(), lam_kl / d)
+        return LossOutput(terms)

@@ -1,0 +1,13 @@
+"""GPT baseline: next-token cross-entropy only."""
+
+from __future__ import annotations
+
+from nextlat.data import Batch
+from nextlat.model import Transformer
+from nextlat.objectives.base import LossOutput, Objective
+
+
+class NextToken(Objective):
+    def forward(self, model: Transformer, batch: Batch) -> LossOutput:
+        h, _ = model(batch.input_ids, batch.doc_ids)
+        return LossOutput({"ce": self.token_loss(model.logits(h), batch)})

@@ -1,0 +1,269 @@
+"""The training loop: one objective, one task, exact accumulation, logging, evaluation, checkpoints.
+
+A run folder holds ``config.yaml``, ``metrics.jsonl`` (one JSON object per log line or
+evaluation), ``checkpoints/step_*`` and ``results.json`` (the final evaluation). A resumed run
+continues from the newest checkpoint and reproduces the uninterrupted run exactly on CPU: the
+data of step s is a pure function of (seed, s) and all other state is in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from nextlat.checkpoint import (
+    CheckpointError,
+    list_checkpoints,
+    load_trainer_state,
+    load_weights,
+    read_checkpoint,
+    save_checkpoint,
+)
+from nextlat.config import Config, ConfigError
+from nextlat.data import StatelessSampler
+from nextlat.model import Transformer
+from nextlat.objectives import Objective, build_objective
+from nextlat.optim import build_optimizer, lr_at, named_parameters
+from nextlat.tasks import Task, build_task
+
+# Settings that may change when a run is resumed (they do not affect the trained weights).
+RESUMABLE_CHANGES = {"steps", "progress", "log_every", "eval_every", "ckpt_every", "keep_checkpoints", "threads"}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name!r}: CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def autocast_context(device: torch.device, precision: str):
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if use_bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@dataclass
+class Components:
+    """Everything a configuration builds: task, backbone, objective (vocab size resolved)."""
+
+    cfg: Config
+    task: Task
+    model: Transformer
+    objective: Objective
+
+
+def build(cfg: Config, device: torch.device | str = "cpu") -> Components:
+    """Build task, model and objective; fills ``model.vocab_size`` from the task's tokenizer."""
+    task = build_task(cfg.task)
+    vocab = task.tokenizer.vocab_size
+    if cfg.model.vocab_size == 0:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
+    elif cfg.model.vocab_size < vocab:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the task's vocabulary ({vocab})")
+    torch.manual_seed(cfg.train.seed)
+    model = Transformer(cfg.model).to(device)
+    objective = build_objective(cfg.objective, model).to(device)
+    return Components(cfg, task, model, objective)
+
+
+def load_components(path: str | Path, device: torch.device | str = "cpu") -> tuple[Components, dict[str, Any]]:
+    """Build the model and objective of a checkpoint and load its weights (strict, no pickle)."""
+    from nextlat.checkpoint import resolve_checkpoint
+
+    ckpt = read_checkpoint(resolve_checkpoint(path))
+    comps = build(ckpt.cfg, device)
+    load_weights(ckpt, comps.model, comps.objective)
+    return comps, ckpt.meta
+
+
+class MetricsLog:
+    """Append-only JSONL log of metrics."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records past ``step`` (they belong to an interrupted stretch that will be re-run)."""
+        if not self.path.exists():
+            return
+        keep = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, self.path)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, *, resume: bool = False, out_dir: str | Path | None = None):
+        t = cfg.train
+        if t.threads > 0:
+            torch.set_num_threads(t.threads)
+        self.device = resolve_device(t.device)
+        self.out = Path(out_dir) if out_dir is not None else cfg.output_dir
+        self.start_step = 0
+        resume_from = self._check_out_dir(cfg, resume)
+        comps = build(cfg, self.device)
+        self.cfg, self.task, self.model, self.objective = comps.cfg, comps.task, comps.model, comps.objective
+        self.modules = {"model": self.model, "objective": self.objective}
+        self.optimizer = build_optimizer(self.modules, t)
+        self.param_names = {id(p): name for name, p in named_parameters(self.modules)}
+        self.data = self.task.train_data()
+        self.sampler = StatelessSampler(len(self.data), t.batch_size, t.seed)
+        self.log = MetricsLog(self.out / "metrics.jsonl")
+        if resume_from is not None:
+            ckpt = read_checkpoint(resume_from)
+            load_weights(ckpt, self.model, self.objective)
+            load_trainer_state(ckpt, self.optimizer, self.param_names)
+            self.start_step = ckpt.step
+            self.log.truncate_after(self.start_step)
+        (self.out / "config.yaml").write_text(self.cfg.to_yaml())
+
+    def _check_out_dir(self, cfg: Config, resume: bool) -> Path | None:
+        existing = list_checkpoints(self.out)
+        if not resume:
+            if existing or (self.out / "metrics.jsonl").exists():
+                raise ConfigError(f"run folder {str(self.out)!r} already holds a run; pass --resume to continue it "
+                                  "or choose another out_dir (nothing was overwritten)")
+            self.out.mkdir(parents=True, exist_ok=True)
+            return None
+        if not existing:
+            self.out.mkdir(parents=True, exist_ok=True)
+            return None  # nothing to resume: start fresh
+        saved = read_checkpoint(existing[-1]).cfg
+        _check_compatible(saved, cfg)
+        return existing[-1]
+
+    # ------------------------------------------------------------------ steps
+
+    def train_step(self, step: int) -> dict[str, float]:
+        t = self.cfg.train
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(step, t)
+        batch = self.data.get(self.sampler.indices(step)).to(self.device)
+        micro = batch.split(t.grad_accum)
+        # Counts over the whole step, so every term is an exact mean over its valid elements.
+        counts: dict[str, torch.Tensor] = {}
+        for mb in micro:
+            for k, v in self.objective.counts(mb).items():
+                counts[k] = counts.get(k, 0) + v
+        parts: dict[str, float] = {}
+        total = 0.0
+        for mb in micro:
+            with autocast_context(self.device, t.precision):
+                out = self.objective(self.model, mb)
+                loss = out.loss(counts)
+            loss.backward()
+            total += loss.item()
+            for name, term in out.terms.items():
+                parts[name] = parts.get(name, 0.0) + term.sum.item()
+        grad_norm = None
+        if t.grad_clip > 0:
+            params = [p for m in self.modules.values() for p in m.parameters()]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip).item()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if not math.isfinite(total):
+            raise FloatingPointError(f"loss became {total} at step {step}; lower train.lr or check the data")
+        metrics = {"loss": total, **_group_means(parts, counts), "lr": lr_at(step, t)}
+        if grad_norm is not None:
+            metrics["grad_norm"] = grad_norm
+        metrics["tokens"] = batch.num_tokens
+        return metrics
+
+    def evaluate(self) -> dict[str, float]:
+        return self.task.evaluate(self.model, self.objective, device=self.device, seed=self.cfg.train.seed)
+
+    def save(self, step: int, metrics: dict[str, Any]) -> Path:
+        path = save_checkpoint(self.out / "checkpoints" / f"step_{step:07d}", cfg=self.cfg, model=self.model,
+                               objective=self.objective, step=step, metrics=metrics, optimizer=self.optimizer,
+                               param_names=self.param_names)
+        kept = list_checkpoints(self.out)[: -self.cfg.train.keep_checkpoints]
+        for old in kept:
+            shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    # ------------------------------------------------------------------ loop
+
+    def fit(self) -> dict[str, Any]:
+        t = self.cfg.train
+        self.model.train()
+        n_params = sum(p.numel() for p in self.model.parameters())
+        n_extra = sum(p.numel() for p in self.objective.parameters())
+        bar = tqdm(total=t.steps, initial=self.start_step, disable=not t.progress, dynamic_ncols=True,
+                   desc=self.cfg.run_name, mininterval=1.0, file=sys.stderr)
+        say = bar.write if t.progress else print
+        say(f"[nextlat] {self.cfg.run_name}: {self.cfg.objective.name} on {self.cfg.task.name}, "
+            f"{n_params / 1e6:.2f}M backbone + {n_extra / 1e6:.2f}M objective params, device {self.device}, "
+            f"steps {self.start_step}->{t.steps}, out {self.out}")
+        last_eval: dict[str, Any] = {}
+        window_tokens, window_start = 0, time.perf_counter()
+        for step in range(self.start_step, t.steps):
+            metrics = self.train_step(step)
+            done = step + 1
+            window_tokens += metrics.pop("tokens")
+            bar.update(1)
+            if done % t.log_every == 0 or done == t.steps:
+                elapsed = time.perf_counter() - window_start
+                metrics["tok_per_s"] = window_tokens / max(elapsed, 1e-9)
+                window_tokens, window_start = 0, time.perf_counter()
+                self.log.write({"step": done, "kind": "train", **metrics})
+                bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k not in ("lr", "grad_norm")})
+                if not t.progress:
+                    say(f"step {done}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+            if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
+                last_eval = self.evaluate()
+                self.log.write({"step": done, "kind": "eval", **last_eval})
+                say(f"[eval step {done}] " + " ".join(f"{k}={v:.4f}" for k, v in last_eval.items()))
+                window_start = time.perf_counter()  # evaluation time does not count as training throughput
+            if (t.ckpt_every and done % t.ckpt_every == 0) or done == t.steps:
+                self.save(done, {**metrics, **last_eval})
+        bar.close()
+        results = {"run_name": self.cfg.run_name, "step": t.steps, "objective": self.cfg.objective.name,
+                   "seed": t.seed, "eval": last_eval}
+        tmp = self.out / "results.json.tmp"
+        tmp.write_text(json.dumps(results, indent=2))
+        os.replace(tmp, self.out / "results.json")
+        return results
+
+
+def _group_means(sums: dict[str, float], counts: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per-term means over the step; rollout terms 'x@i' are averaged into 'x'."""
+    groups: dict[str, list[float]] = {}
+    for name, s in sums.items():
+        groups.setdefault(name.split("@")[0], []).append(s / max(float(counts[name]), 1.0))
+    return {k: sum(v) / len(v) for k, v in groups.items()}
+
+
+def _check_compatible(saved: Config, new: Config) -> None:
+    a, b = saved.to_dict(), new.to_dict()
+    b["model"]["vocab_size"] = a["model"]["vocab_size"] if b["model"]["vocab_size"] == 0 else b["model"]["vocab_size"]
+    for section in a:
+        if section == "train":
+            for k in a[section]:
+                if k not in RESUMABLE_CHANGES and a[section][k] != b[section][k]:
+                    raise CheckpointError(f"cannot resume: train.{k} changed from {a[section][k]!r} to {b[section][k]!r}")
+        elif a[section] != b[section]:
+            raise CheckpointError(f"cannot resume: '{section}' differs from the checkpoint's configuration "
+                                  f"({a[section]!r} vs {b[section]!r})")
+
+
+def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
+    return Trainer(cfg, resume=resume).fit()
