@@ -61,6 +61,18 @@ def _cmd_bench_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from nextlat.config import load_config
+    from nextlat.sweep import run_sweep
+
+    cfg = load_config(args.recipe, args.set)  # fail fast on a bad recipe before spawning anything
+    out = Path(args.out or f"runs/{cfg.run_name}-sweep")
+    run_sweep(args.recipe, args.seeds, args.set, out, jobs=args.jobs)
+    return 0
+
+
 def _cmd_recipes(args: argparse.Namespace) -> int:
     from nextlat.config import load_config, recipe_names
 
@@ -111,6 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=int, default=2, help="untimed steps per objective before measuring")
     b.add_argument("--json", help="also write the results to this JSON file")
     b.set_defaults(func=_cmd_bench_train)
+
+    s = sub.add_parser("sweep", help="train a recipe over several seeds and tabulate every seed's result")
+    s.add_argument("recipe")
+    s.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("--jobs", type=int, default=1, help="seeds trained at once (CPU threads are split among them)")
+    s.add_argument("--out", help="sweep folder (default runs/<run_name>-sweep)")
+    s.set_defaults(func=_cmd_sweep)
 
     r = sub.add_parser("recipes", help="list the shipped recipes")
     r.set_defaults(func=_cmd_recipes)

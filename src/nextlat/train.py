@@ -31,10 +31,11 @@ from nextlat.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from nextlat.config import Config, ConfigError
-from nextlat.data import StatelessSampler
+from nextlat.config import Config, ConfigError, TrainConfig
+from nextlat.data import Batch, StatelessSampler
 from nextlat.model import Transformer
 from nextlat.objectives import Objective, build_objective
+from nextlat.objectives.base import mean_parts
 from nextlat.optim import build_optimizer, lr_at, named_parameters
 from nextlat.tasks import Task, build_task
 
@@ -154,39 +155,14 @@ class Trainer:
     # ------------------------------------------------------------------ steps
 
     def train_step(self, step: int) -> dict[str, float]:
-        t = self.cfg.train
+        lr = lr_at(step, self.cfg.train)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(step, t)
+            group["lr"] = lr
         batch = self.data.get(self.sampler.indices(step)).to(self.device)
-        micro = batch.split(t.grad_accum)
-        # Counts over the whole step, so every term is an exact mean over its valid elements.
-        counts: dict[str, torch.Tensor] = {}
-        for mb in micro:
-            for k, v in self.objective.counts(mb).items():
-                counts[k] = counts.get(k, 0) + v
-        parts: dict[str, float] = {}
-        total = 0.0
-        for mb in micro:
-            with autocast_context(self.device, t.precision):
-                out = self.objective(self.model, mb)
-                loss = out.loss(counts)
-            loss.backward()
-            total += loss.item()
-            for name, term in out.terms.items():
-                parts[name] = parts.get(name, 0.0) + term.sum.item()
-        grad_norm = None
-        if t.grad_clip > 0:
-            params = [p for m in self.modules.values() for p in m.parameters()]
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip).item()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if not math.isfinite(total):
-            raise FloatingPointError(f"loss became {total} at step {step}; lower train.lr or check the data")
-        metrics = {"loss": total, **_group_means(parts, counts), "lr": lr_at(step, t)}
-        if grad_norm is not None:
-            metrics["grad_norm"] = grad_norm
-        metrics["tokens"] = batch.num_tokens
-        return metrics
+        metrics = optimizer_step(self.model, self.objective, self.optimizer, batch, self.cfg.train, self.device)
+        if not math.isfinite(metrics["loss"]):
+            raise FloatingPointError(f"loss became {metrics['loss']} at step {step}; lower train.lr or check the data")
+        return {**metrics, "lr": lr}
 
     def evaluate(self) -> dict[str, float]:
         return self.task.evaluate(self.model, self.objective, device=self.device, seed=self.cfg.train.seed)
@@ -244,12 +220,33 @@ class Trainer:
         return results
 
 
-def _group_means(sums: dict[str, float], counts: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Per-term means over the step; rollout terms 'x@i' are averaged into 'x'."""
-    groups: dict[str, list[float]] = {}
-    for name, s in sums.items():
-        groups.setdefault(name.split("@")[0], []).append(s / max(float(counts[name]), 1.0))
-    return {k: sum(v) / len(v) for k, v in groups.items()}
+def optimizer_step(model: Transformer, objective: Objective, optimizer: torch.optim.Optimizer, batch: Batch,
+                   t: TrainConfig, device: torch.device) -> dict[str, float]:
+    """One optimizer step on ``batch`` split into ``t.grad_accum`` micro-batches; returns loss metrics."""
+    micro = batch.split(t.grad_accum)
+    # Counts over the whole step, so every term is an exact mean over its valid elements.
+    counts: dict[str, torch.Tensor] = {}
+    for mb in micro:
+        for k, v in objective.counts(mb).items():
+            counts[k] = counts.get(k, 0) + v
+    sums: dict[str, float] = {}
+    total = 0.0
+    for mb in micro:
+        with autocast_context(device, t.precision):
+            out = objective(model, mb)
+            loss = out.loss(counts)
+        loss.backward()
+        total += loss.item()
+        for name, term in out.terms.items():
+            sums[name] = sums.get(name, 0.0) + term.sum.item()
+    metrics = {"loss": total, **mean_parts(sums, counts)}
+    if t.grad_clip > 0:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, t.grad_clip).item()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    metrics["tokens"] = batch.num_tokens
+    return metrics
 
 
 def _check_compatible(saved: Config, new: Config) -> None:

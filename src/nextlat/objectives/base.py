@@ -45,12 +45,16 @@ class LossOutput:
         return int(self.terms["ce"].count)
 
     def parts(self) -> dict[str, float]:
-        """Per-term means for logging; terms named 'x@i' (rollout steps) are averaged into 'x'."""
-        groups: dict[str, list[float]] = {}
-        for name, term in self.terms.items():
-            mean = (term.sum.detach() / term.count.clamp(min=1)).item()
-            groups.setdefault(name.split("@")[0], []).append(mean)
-        return {k: sum(v) / len(v) for k, v in groups.items()}
+        """Per-term means of this batch (see :func:`mean_parts`)."""
+        return mean_parts({k: t.sum.item() for k, t in self.terms.items()}, {k: t.count for k, t in self.terms.items()})
+
+
+def mean_parts(sums: dict[str, float], counts: dict[str, Tensor | int]) -> dict[str, float]:
+    """Per-term means for logging; rollout terms named 'x@i' are averaged into 'x'."""
+    groups: dict[str, list[float]] = {}
+    for name, s in sums.items():
+        groups.setdefault(name.split("@")[0], []).append(s / max(float(counts[name]), 1.0))
+    return {k: sum(v) / len(v) for k, v in groups.items()}
 
 
 class Objective(nn.Module):

@@ -1,0 +1,35 @@
+# Set-up and common jobs. Every target installs what it needs first (a virtual environment with
+# the pinned CPU torch, then the package), so a fresh clone needs only `make train` or `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.nextlat-installed
+TORCH  ?= torch==2.13.0
+
+.PHONY: install train test test-slow lint bench-train clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+train: install           ## default run: NextLat on a small Path-Star graph (a few minutes on CPU)
+	$(VENV)/bin/nextlat train
+
+test: install            ## the default test suite (a few minutes on 2 cores)
+	$(PY) -m pytest -q
+
+test-slow: install       ## the slow tests only
+	$(PY) -m pytest -q -m slow
+
+lint: install
+	$(VENV)/bin/ruff check src tests
+
+bench-train: install     ## training-step cost of the objectives, side by side
+	$(VENV)/bin/nextlat bench-train --json results/bench-train-cpu.json
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
