@@ -52,6 +52,12 @@ def run_config():
 
 
 @pytest.fixture
+def vocab() -> int:
+    """Vocabulary size of the tiny models built by ``make_model``."""
+    return VOCAB
+
+
+@pytest.fixture
 def model_cfg():
     """Factory: a tiny backbone config (2 layers, d_model 32, 2 heads)."""
 

@@ -134,6 +134,8 @@ class Trainer:
             load_weights(ckpt, self.model, self.objective)
             load_trainer_state(ckpt, self.optimizer, self.param_names)
             self.start_step = ckpt.step
+        if resume:
+            # Records past the restart point (all of them when no checkpoint was reached) will be re-run.
             self.log.truncate_after(self.start_step)
         (self.out / "config.yaml").write_text(self.cfg.to_yaml())
 
@@ -212,6 +214,8 @@ class Trainer:
             if (t.ckpt_every and done % t.ckpt_every == 0) or done == t.steps:
                 self.save(done, {**metrics, **last_eval})
         bar.close()
+        if not last_eval:  # no step ran (a finished run was resumed): evaluate the final weights again
+            last_eval = self.evaluate()
         results = {"run_name": self.cfg.run_name, "step": t.steps, "objective": self.cfg.objective.name,
                    "seed": t.seed, "eval": last_eval}
         tmp = self.out / "results.json.tmp"

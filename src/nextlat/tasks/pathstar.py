@@ -153,6 +153,7 @@ def encode_graph(g: Graph, tok: PathStarTokenizer) -> list[int]:
 
 class PathStarTask(Task):
     config_class = PathStarConfig
+    EVAL_CHUNK = 1000
 
     def __init__(self, cfg: PathStarConfig):
         super().__init__(cfg)
@@ -198,20 +199,22 @@ class PathStarTask(Task):
         """
         data = self.test_data()
         n = min(len(data), max_examples or self.cfg.eval_examples)
-        seqs = data.seqs[:n].to(device)
         P, L = data.prompt_len, data.path_len
         was_training = model.training
         model.eval()
-        prompt, answer = seqs[:, :P], seqs[:, P : P + L]
-        out: dict[str, float] = {}
-        greedy = generate(model, prompt, L)[:, P:]
-        out["acc_greedy"] = (greedy == answer).all(-1).float().mean().item()
         g = torch.Generator(device=device).manual_seed(seed)
-        sampled = generate(model, prompt, L, temperature=1.0, generator=g)[:, P:]
-        out["acc_sampled"] = (sampled == answer).all(-1).float().mean().item()
-        h, _ = model(seqs[:, : P + L - 1])
-        pred = model.logits(h[:, P - 1 :]).argmax(-1)  # predictions of answer tokens 1..L
-        per_pos = (pred == answer).float().mean(0)
+        greedy_ok, sampled_ok, pos_ok = [], [], []
+        for start in range(0, n, self.EVAL_CHUNK):  # chunks bound the memory of large test sets
+            seqs = data.seqs[start : min(n, start + self.EVAL_CHUNK)].to(device)
+            prompt, answer = seqs[:, :P], seqs[:, P : P + L]
+            greedy_ok.append((generate(model, prompt, L)[:, P:] == answer).all(-1))
+            sampled = generate(model, prompt, L, temperature=1.0, generator=g)[:, P:]
+            sampled_ok.append((sampled == answer).all(-1))
+            h, _ = model(seqs[:, : P + L - 1])
+            pos_ok.append(model.logits(h[:, P - 1 :]).argmax(-1) == answer)  # answer tokens 1..L, true prefix
+        out = {"acc_greedy": torch.cat(greedy_ok).float().mean().item(),
+               "acc_sampled": torch.cat(sampled_ok).float().mean().item()}
+        per_pos = torch.cat(pos_ok).float().mean(0)
         for k in range(L):
             out[f"pos_acc_{k + 1}"] = per_pos[k].item()
         model.train(was_training)

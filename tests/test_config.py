@@ -1,0 +1,153 @@
+"""Config: shipped recipes, strict loading with clear errors, dotted overrides, the CLI's error path."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import yaml
+
+from nextlat.cli import main
+from nextlat.config import (
+    Config,
+    ConfigError,
+    config_from_dict,
+    load_config,
+    recipe_names,
+    set_dotted,
+)
+from nextlat.objectives import OBJECTIVES
+from nextlat.tasks import build_task
+from nextlat.tasks.pathstar import PathStarConfig
+from nextlat.train import build
+
+
+def _approx_params(cfg: Config, vocab: int) -> int:
+    m = cfg.model
+    hidden = m.mlp_hidden or max(128, 128 * round(8 * m.d_model / 3 / 128))
+    return 2 * vocab * m.d_model + m.n_layer * (4 * m.d_model**2 + 3 * m.d_model * hidden)
+
+
+def test_there_are_shipped_recipes():
+    names = recipe_names()
+    assert "pathstar-demo" in names
+    assert names == sorted(names)
+
+
+@pytest.mark.parametrize("name", recipe_names())
+def test_every_shipped_recipe_loads_and_builds(name):
+    cfg = load_config(name)
+    assert isinstance(cfg, Config)
+    # the YAML is a faithful serialisation: re-loading its dump gives the same config
+    assert config_from_dict(yaml.safe_load(cfg.to_yaml())) == cfg
+    vocab = cfg.model.vocab_size or build_task(cfg.task).tokenizer.vocab_size
+    if _approx_params(cfg, vocab) > 50e6:
+        pytest.skip(f"{name}: too large to build in the unit tests")
+    comps = build(cfg)
+    assert comps.model.cfg.vocab_size == vocab
+    assert comps.model.cfg.n_layer == cfg.model.n_layer
+    assert isinstance(comps.objective, OBJECTIVES[cfg.objective.name])
+
+
+def test_defaults_and_recipe_without_task_section_get_the_task_dataclass(tmp_path):
+    # A recipe may omit the task section: it must still get the full (default) task settings.
+    assert isinstance(load_config(None).task, PathStarConfig)
+    p = tmp_path / "notask.yaml"
+    p.write_text("model: {n_layer: 2, n_head: 2, d_model: 32}\ntrain: {steps: 3}\n")
+    cfg = load_config(str(p))
+    assert isinstance(cfg.task, PathStarConfig) and cfg.task.degree == PathStarConfig().degree
+    build(cfg)  # the task can be built from it
+
+
+def test_overrides_apply_and_are_typed():
+    cfg = load_config("pathstar-demo", ["train.lr=1e-3", "train.steps=7", "objective.horizon=2",
+                                        "task.degree=3", "train.progress=false", "run_name=abc"])
+    assert cfg.train.lr == 1e-3 and cfg.train.steps == 7 and cfg.objective.horizon == 2
+    assert cfg.task.degree == 3 and cfg.train.progress is False and cfg.run_name == "abc"
+    # YAML 1.1 reads 5e-4 (no dot) as a string; float fields still accept it, ints are widened
+    cfg = config_from_dict({"train": {"lr": "5e-4", "min_lr_ratio": 0}})
+    assert cfg.train.lr == 5e-4 and isinstance(cfg.train.min_lr_ratio, float)
+
+
+def test_config_yaml_round_trip(run_config):
+    cfg = run_config(**{"train.schedule": "wsd", "objective.lambda_kl": 0.5})
+    again = config_from_dict(yaml.safe_load(cfg.to_yaml()))
+    assert again == cfg
+    assert dataclasses.asdict(again) == cfg.to_dict()
+
+
+def _write(tmp_path, text: str, name: str = "bad.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+@pytest.mark.parametrize(
+    "text, pattern",
+    [
+        ("train: {lrr: 0.1}\n", r"unknown key train\.lrr"),
+        ("bogus: 1\n", r"unknown key bogus"),
+        ("task: {name: pathstar, degre: 3}\n", r"unknown key task\.degre"),
+        ("train: {steps: abc}\n", r"train\.steps: expected int, got 'abc'"),
+        ("train: {steps: 2.5}\n", r"train\.steps: expected int, got 2\.5"),
+        ("train: {progress: 3}\n", r"train\.progress: expected bool"),
+        ("train: {lr: fast}\n", r"train\.lr: expected float, got 'fast'"),
+        ("model: 5\n", r"model: expected a mapping, got 5"),
+        ("objective: {name: nope}\n", r"objective\.name='nope': unknown objective"),
+        ("task: {name: nope}\n", r"task\.name: unknown task 'nope'"),
+        ("model: {d_model: 32, n_head: 3}\n", r"model\.n_head=3: must divide model\.d_model=32"),
+        ("train: {batch_size: 10, grad_accum: 3}\n", r"train\.grad_accum=3"),
+        ("train: {schedule: linear}\n", r"train\.schedule='linear'"),
+        ("objective: {horizon: 0}\n", r"objective\.horizon=0"),
+        ("task: {name: pathstar, degree: 1}\n", r"task\.degree=1"),
+        ("task: {name: pathstar, degree: 5, path_len: 5, num_nodes: 10}\n", r"task\.num_nodes=10"),
+    ],
+)
+def test_malformed_recipes_name_the_bad_key(tmp_path, text, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(_write(tmp_path, text))
+
+
+def test_invalid_and_non_mapping_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(_write(tmp_path, "train: {steps: [1, 2\n"))
+    with pytest.raises(ConfigError, match="must be a mapping, got list"):
+        load_config(_write(tmp_path, "- 1\n- 2\n"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "missing.yaml"))
+    with pytest.raises(ConfigError, match="unknown recipe 'no-such-recipe'"):
+        load_config("no-such-recipe")
+
+
+@pytest.mark.parametrize(
+    "override, pattern",
+    [
+        ("train.lr", r"'train\.lr' is not of the form key=value"),
+        ("train.lrr=1", r"unknown key train\.lrr"),
+        ("train.steps=abc", r"train\.steps: expected int, got 'abc'"),
+        ("train.steps=[1", r"override train\.steps: cannot parse value"),
+        ("run_name.x=1", r"run_name is not a section"),
+    ],
+)
+def test_bad_overrides(override, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config("pathstar-demo", [override])
+
+
+def test_set_dotted_creates_sections():
+    data: dict = {}
+    set_dotted(data, "train.lr=0.01")
+    set_dotted(data, "run_name=x=y")  # only the first '=' splits
+    assert data == {"train": {"lr": 0.01}, "run_name": "x=y"}
+
+
+def test_cli_train_bad_recipe_exits_2_with_message(tmp_path, capsys):
+    bad = _write(tmp_path, "train: {lrr: 0.1}\n")
+    assert main(["train", bad, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "error" in err and "train.lrr" in err
+    assert not (tmp_path / "run").exists()
+    assert main(["train", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml" in capsys.readouterr().err
+    assert main(["train", "pathstar-demo", "--set", "model.n_head=3", "--out", str(tmp_path / "run")]) == 2
+    assert "model.n_head=3" in capsys.readouterr().err

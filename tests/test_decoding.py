@@ -1,0 +1,59 @@
+"""Reference decoding: greedy and sampled generation, logit processing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nextlat.decoding import generate, next_tokens, process_logits
+
+
+def test_greedy_generate_appends_argmax_tokens(make_model, vocab):
+    model = make_model()
+    prompt = torch.randint(0, vocab, (3, 4))
+    out = generate(model, prompt, 5)
+    assert out.shape == (3, 9) and torch.equal(out[:, :4], prompt)
+    for t in range(4, 9):
+        h, _ = model(out[:, :t])
+        assert torch.equal(out[:, t], model.logits(h[:, -1]).argmax(-1))
+
+
+def test_sampling_is_reproducible_with_a_generator(make_model, vocab):
+    model = make_model()
+    prompt = torch.randint(0, vocab, (4, 3))
+    a = generate(model, prompt, 6, temperature=1.0, generator=torch.Generator().manual_seed(7))
+    b = generate(model, prompt, 6, temperature=1.0, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+
+
+def test_stop_id_pads_finished_rows(make_model, vocab):
+    model = make_model()
+    prompt = torch.randint(0, vocab, (2, 3))
+    greedy = generate(model, prompt, 4)
+    stop = int(greedy[0, 3])  # the first token row 0 emits
+    out = generate(model, prompt, 4, stop_id=stop)
+    assert (out[0, 3:] == stop).all()
+
+
+def test_generate_input_errors(make_model):
+    model = make_model()
+    with pytest.raises(ValueError, match="max_seq_len"):
+        generate(model, torch.zeros(1, 60, dtype=torch.long), 10)
+    with pytest.raises(ValueError, match=r"\(B, T\)"):
+        generate(model, torch.zeros(5, dtype=torch.long), 1)
+
+
+def test_process_logits():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    torch.testing.assert_close(process_logits(logits), torch.softmax(logits, -1))
+    torch.testing.assert_close(process_logits(logits, temperature=2.0), torch.softmax(logits / 2, -1))
+    top2 = process_logits(logits, top_k=2)
+    assert (top2[0, 2:] == 0).all()
+    torch.testing.assert_close(top2[0, :2], torch.softmax(logits[0, :2], -1))
+    p = torch.softmax(logits, -1)[0]
+    nucleus = process_logits(logits, top_p=float(p[0]) + 1e-3)  # needs the top two tokens to reach top_p
+    assert (nucleus[0, :2] > 0).all() and (nucleus[0, 2:] == 0).all()
+    assert process_logits(logits, top_p=0.01)[0].tolist() == [1.0, 0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="temperature"):
+        process_logits(logits, temperature=0.0)
+    assert next_tokens(logits).tolist() == [0]

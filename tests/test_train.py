@@ -1,0 +1,176 @@
+"""Trainer: exact resume, exact gradient accumulation, run-folder safety, metrics log."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from nextlat.checkpoint import CheckpointError, list_checkpoints
+from nextlat.config import ConfigError
+from nextlat.train import Trainer
+
+
+def _records(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _assert_same_weights(a: Trainer, b: Trainer) -> None:
+    for module_a, module_b in ((a.model, b.model), (a.objective, b.objective)):
+        sa, sb = module_a.state_dict(), module_b.state_dict()
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), k
+
+
+def _losses(records: list[dict]) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interruption_is_bit_for_bit(run_config, tmp_path):
+    """Crash mid-run (after step 3 was logged, newest checkpoint at step 2), resume, finish: same as uninterrupted."""
+    cfg = run_config(**{"train.steps": 6, "train.ckpt_every": 2, "train.schedule": "cosine", "train.warmup_steps": 2,
+                        "train.grad_clip": 0.5})
+    full = Trainer(cfg, out_dir=tmp_path / "full")
+    full.fit()
+
+    first = Trainer(cfg, out_dir=tmp_path / "resumed")
+    real_step = first.train_step
+
+    def crash_at_4(step):
+        if step == 3:  # steps 0..2 done (3 logged), checkpoint of step 2 written
+            raise _Interrupt
+        return real_step(step)
+
+    first.train_step = crash_at_4
+    with pytest.raises(_Interrupt):
+        first.fit()
+    assert [p.name for p in list_checkpoints(tmp_path / "resumed")] == ["step_0000002"]
+    assert max(r["step"] for r in _records(tmp_path / "resumed")) == 3
+
+    second = Trainer(cfg, out_dir=tmp_path / "resumed", resume=True)
+    assert second.start_step == 2
+    second.fit()
+    _assert_same_weights(full, second)
+    # identical optimizer moments, too
+    for p_full, p_res in zip(full.optimizer.param_groups[0]["params"], second.optimizer.param_groups[0]["params"]):
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(full.optimizer.state[p_full][key], second.optimizer.state[p_res][key])
+
+    recs = _records(tmp_path / "resumed")
+    keys = [(r["step"], r["kind"]) for r in recs]
+    assert len(keys) == len(set(keys)), f"duplicated metrics records: {keys}"
+    assert [s for s, k in keys if k == "train"] == list(range(1, 7))
+    assert _losses(recs) == _losses(_records(tmp_path / "full"))
+    assert json.loads((tmp_path / "resumed" / "results.json").read_text()) == \
+        json.loads((tmp_path / "full" / "results.json").read_text())
+
+
+def test_resume_with_more_steps_is_bit_for_bit(run_config, tmp_path):
+    """Train k steps with train.steps=k, then resume with train.steps=N: same weights as N steps at once."""
+    n, k = 5, 2
+    full = Trainer(run_config(**{"train.steps": n}), out_dir=tmp_path / "full")
+    full.fit()
+    Trainer(run_config(**{"train.steps": k, "train.ckpt_every": k}), out_dir=tmp_path / "split").fit()
+    resumed = Trainer(run_config(**{"train.steps": n}), out_dir=tmp_path / "split", resume=True)
+    assert resumed.start_step == k
+    resumed.fit()
+    _assert_same_weights(full, resumed)
+    recs = _records(tmp_path / "split")
+    keys = [(r["step"], r["kind"]) for r in recs]
+    assert len(keys) == len(set(keys))
+    assert _losses(recs) == _losses(_records(tmp_path / "full"))
+
+
+def test_resume_refuses_a_changed_config(run_config, tmp_path):
+    Trainer(run_config(**{"train.steps": 1}), out_dir=tmp_path).fit()
+    with pytest.raises(CheckpointError, match=r"train\.lr changed"):
+        Trainer(run_config(**{"train.steps": 2, "train.lr": 0.5}), out_dir=tmp_path, resume=True)
+    with pytest.raises(CheckpointError, match="'objective' differs"):
+        Trainer(run_config(**{"train.steps": 2, "objective.horizon": 1}), out_dir=tmp_path, resume=True)
+
+
+def test_resume_without_checkpoint_starts_fresh_without_stale_records(run_config, tmp_path):
+    """A run that died before its first checkpoint: --resume starts over and the log holds no stale steps."""
+    cfg = run_config(**{"train.steps": 3, "train.ckpt_every": 0})
+    crashed = Trainer(cfg, out_dir=tmp_path)
+    real_step = crashed.train_step
+    crashed.train_step = lambda step: (_ for _ in ()).throw(_Interrupt) if step == 2 else real_step(step)
+    with pytest.raises(_Interrupt):
+        crashed.fit()
+    assert not list_checkpoints(tmp_path) and _records(tmp_path)
+    fresh = Trainer(cfg, out_dir=tmp_path, resume=True)
+    assert fresh.start_step == 0
+    fresh.fit()
+    keys = [(r["step"], r["kind"]) for r in _records(tmp_path)]
+    assert len(keys) == len(set(keys)), f"duplicated metrics records: {keys}"
+
+
+def test_refuses_existing_run_without_resume(run_config, tmp_path):
+    cfg = run_config(**{"train.steps": 1})
+    Trainer(cfg, out_dir=tmp_path).fit()
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match="already holds a run"):
+        Trainer(cfg, out_dir=tmp_path)
+    after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert before == after
+
+
+def test_grad_accum_gives_the_same_step(run_config, tmp_path):
+    """grad_accum=2 gives the same loss (and update) as grad_accum=1: accumulation uses global counts."""
+    one = Trainer(run_config(**{"train.grad_accum": 1}), out_dir=tmp_path / "a")
+    two = Trainer(run_config(**{"train.grad_accum": 2}), out_dir=tmp_path / "b")
+    m1, m2 = one.train_step(0), two.train_step(0)
+    assert m1["loss"] == pytest.approx(m2["loss"], rel=1e-5, abs=1e-6)
+    for key in ("ce", "next_h", "kl", "grad_norm"):
+        assert m1[key] == pytest.approx(m2[key], rel=1e-5, abs=1e-6), key
+    for pa, pb in zip(one.model.parameters(), two.model.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+
+
+def test_zero_aux_weights_train_exactly_like_next_token(run_config, tmp_path):
+    """With lambda_h = lambda_kl = 0, NextLat training reproduces next-token training weight for weight."""
+    nt = Trainer(run_config(**{"objective.name": "next_token", "train.steps": 3}), out_dir=tmp_path / "nt")
+    nl = Trainer(run_config(**{"objective.lambda_h": 0.0, "objective.lambda_kl": 0.0, "train.steps": 3}),
+                 out_dir=tmp_path / "nl")
+    for step in range(3):
+        assert nt.train_step(step)["loss"] == nl.train_step(step)["loss"]
+    for (name, a), (_, b) in zip(nt.model.named_parameters(), nl.model.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_fit_writes_run_folder(run_config, tmp_path):
+    cfg = run_config(**{"train.steps": 3, "train.log_every": 2, "train.ckpt_every": 1, "train.keep_checkpoints": 2})
+    results = Trainer(cfg, out_dir=tmp_path).fit()
+    assert sorted(p.name for p in list_checkpoints(tmp_path)) == ["step_0000002", "step_0000003"]
+    recs = _records(tmp_path)
+    assert [(r["step"], r["kind"]) for r in recs] == [(2, "train"), (3, "train"), (3, "eval")]
+    for key in ("loss", "ce", "next_h", "kl", "lr", "tok_per_s"):
+        assert key in recs[0]
+    assert results["eval"] == {k: v for k, v in recs[-1].items() if k not in ("step", "kind")}
+    assert json.loads((tmp_path / "results.json").read_text())["eval"] == results["eval"]
+    assert (tmp_path / "config.yaml").is_file()
+    assert not list(tmp_path.rglob("*.tmp*"))
+
+
+def test_training_reduces_the_loss(run_config, tmp_path):
+    cfg = run_config(**{"train.steps": 12, "train.lr": 3e-3, "train.log_every": 1})
+    Trainer(cfg, out_dir=tmp_path).fit()
+    losses = _losses(_records(tmp_path))
+    assert losses[12] < losses[1]
+
+
+def test_resuming_a_finished_run_keeps_its_results(run_config, tmp_path):
+    cfg = run_config(**{"train.steps": 2})
+    Trainer(cfg, out_dir=tmp_path).fit()
+    before = json.loads((tmp_path / "results.json").read_text())
+    assert before["eval"]
+    again = Trainer(cfg, out_dir=tmp_path, resume=True)
+    assert again.start_step == 2
+    assert again.fit() == before
+    assert json.loads((tmp_path / "results.json").read_text()) == before
