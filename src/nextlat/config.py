@@ -128,9 +128,13 @@ class Config:
     out_dir: str = ""
     """Output folder for checkpoints and logs; empty means runs/<run_name>."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """Backbone architecture."""
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    task: TaskConfig = field(default_factory=TaskConfig)
+    """Training objective."""
+    task: TaskConfig = field(default_factory=lambda: _from_dict(TaskConfig, {}, "task"))
+    """Task settings; ``task.name`` selects the task and the dataclass of the remaining keys."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation and run management."""
 
     @property
     def output_dir(self) -> Path:
@@ -210,10 +214,6 @@ def _from_dict(cls: type, data: Any, key: str) -> Any:
             f"unknown key {where}{unknown[0]!s} (known under {key or 'the top level'}: {', '.join(names)})"
         )
     kwargs = {k: _coerce(v, hints[k], f"{key}.{k}" if key else k) for k, v in data.items()}
-    for name in names:
-        # An omitted task section must still select its task's dataclass (the field default is the base class).
-        if name not in kwargs and hints[name] is TaskConfig:
-            kwargs[name] = _from_dict(TaskConfig, {}, f"{key}.{name}" if key else name)
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)
     if validate is not None:
