@@ -11,6 +11,8 @@ V vocabulary, H heads, Dh head width.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -59,6 +61,47 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (x * cos + rotated * sin).to(x.dtype)
 
 
+class KVCache:
+    """Preallocated keys and values written by position, one length per row.
+
+    k, v: (L, B, H, S_max, Dh). Row b holds ``lengths[b]`` valid positions; anything past that is
+    stale and masked out, so rolling back after rejected draft tokens is just lowering the length.
+    """
+
+    def __init__(self, n_layer: int, batch: int, n_head: int, max_len: int, head_dim: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        shape = (n_layer, batch, n_head, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        self.max_len = max_len
+
+    def write(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store (B, H, T, Dh) new keys/values after each row's prefix; return keys/values up to the longest row."""
+        B, H, T, Dh = k.shape
+        pos = (self.lengths[:, None] + torch.arange(T, device=k.device))[:, None, :, None].expand(B, H, T, Dh)
+        self.k[layer].scatter_(2, pos, k.to(self.k.dtype))
+        self.v[layer].scatter_(2, pos, v.to(self.v.dtype))
+        end = int(self.lengths.max()) + T
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def rollback(self, lengths: Tensor) -> None:
+        """Forget every position at or past ``lengths`` (B,), e.g. rejected draft tokens."""
+        if bool((lengths > self.lengths).any()):
+            raise ValueError("rollback cannot extend the cache")
+        self.lengths = lengths.clone()
+
+
+@dataclass
+class LayerContext:
+    """Per-forward inputs shared by all blocks: rotary tables (B, 1, T, Dh), mask, cache."""
+
+    cos: Tensor
+    sin: Tensor
+    mask: Tensor | None  # (B, 1, T, S) bool, True = may attend; None = plain causal
+    cache: KVCache | None = None
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -70,17 +113,19 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, d, bias=False)
         self.o_proj = nn.Linear(d, d, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, ctx: LayerContext, layer: int) -> Tensor:
         B, T, D = x.shape
         q, k, v = (
             proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
             for proj in (self.q_proj, self.k_proj, self.v_proj)
         )
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if mask is None:
+        q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
+        if ctx.cache is not None:
+            k, v = ctx.cache.write(layer, k, v)  # (B, H, S, Dh): everything cached so far plus the new keys
+        if ctx.mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, D))
 
 
@@ -104,8 +149,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, hidden)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+    def forward(self, x: Tensor, ctx: LayerContext, layer: int = 0) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), ctx, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -133,23 +178,28 @@ class Transformer(nn.Module):
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.cfg.vocab_size})")
         return self.embed_tokens(input_ids)
 
-    def forward(
-        self, input_ids: Tensor, doc_ids: Tensor | None = None, position_ids: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """Run the trunk.
-
-        input_ids: (B, T). doc_ids: optional (B, T) document index per token (packed sequences;
-        -1 marks padding); attention stays within a document and positions restart in each.
-        Returns (h, emb): h (B, T, D) final-norm hidden states, emb (B, T, D) input embeddings.
-        """
+    def context(self, input_ids: Tensor, doc_ids: Tensor | None = None, position_ids: Tensor | None = None,
+                cache: KVCache | None = None) -> LayerContext:
+        """Rotary tables and attention mask shared by every block of one forward pass."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (B, T), got {tuple(input_ids.shape)}")
         B, T = input_ids.shape
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}")
-        emb = self.embed(input_ids)
         mask = None
-        if doc_ids is not None:
+        if cache is not None:
+            if doc_ids is not None:
+                raise ValueError("packed documents (doc_ids) cannot be decoded with a KV cache")
+            if cache.k.shape[1] != B:
+                raise ValueError(f"KV cache holds batch size {cache.k.shape[1]}, input has {B}")
+            end = int(cache.lengths.max()) + T
+            if end > cache.max_len:
+                raise ValueError(f"KV cache of length {cache.max_len} cannot hold {end} tokens")
+            # Query t of row b sits at position lengths[b] + t and sees keys 0 .. lengths[b] + t of its row.
+            position_ids = cache.lengths[:, None] + torch.arange(T, device=input_ids.device)  # (B, T)
+            keys = torch.arange(end, device=input_ids.device)
+            mask = (keys[None, None, :] <= position_ids[:, :, None]).unsqueeze(1)  # (B, 1, T, S)
+        elif doc_ids is not None:
             if doc_ids.shape != input_ids.shape:
                 raise ValueError(f"doc_ids shape {tuple(doc_ids.shape)} != input_ids shape {tuple(input_ids.shape)}")
             mask = attention_mask_from_doc_ids(doc_ids)  # (B, 1, T, T)
@@ -158,10 +208,46 @@ class Transformer(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
         cos, sin = self.rotary(position_ids)
-        x = emb
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask)
+        return LayerContext(cos, sin, mask, cache)
+
+    def forward(self, input_ids: Tensor, doc_ids: Tensor | None = None, position_ids: Tensor | None = None,
+                cache: KVCache | None = None) -> tuple[Tensor, Tensor]:
+        """Run the backbone.
+
+        input_ids: (B, T). doc_ids: optional (B, T) document index per token (packed sequences;
+        -1 marks padding); attention stays within a document and positions restart in each.
+        cache: optional KV cache; the tokens are appended after each row's cached prefix and the
+        cache lengths advance by T.
+        Returns (h, emb): h (B, T, D) final-norm hidden states, emb (B, T, D) input embeddings.
+        """
+        x, emb, _ = self.forward_layers(input_ids, doc_ids, position_ids, cache)
         return self.norm(x), emb
+
+    def forward_layers(self, input_ids: Tensor, doc_ids: Tensor | None = None, position_ids: Tensor | None = None,
+                       cache: KVCache | None = None, n_layers: int | None = None
+                       ) -> tuple[Tensor, Tensor, LayerContext]:
+        """Embed and run the first ``n_layers`` blocks (all by default); no final norm.
+
+        Returns (x, emb, ctx): the residual stream (B, T, D), the embeddings (B, T, D) and the
+        layer context, so that extra blocks (e.g. multi-token heads) can continue from x.
+        """
+        ctx = self.context(input_ids, doc_ids, position_ids, cache)
+        emb = self.embed(input_ids)
+        x = emb
+        for i, layer in enumerate(self.layers[:n_layers]):
+            x = layer(x, ctx, i)
+        if cache is not None:
+            cache.lengths += input_ids.shape[1]
+        return x, emb, ctx
+
+    def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+        """An empty KV cache for ``batch`` rows of up to ``max_len`` tokens (default model.max_seq_len)."""
+        max_len = max_len or self.cfg.max_seq_len
+        if max_len > self.cfg.max_seq_len:
+            raise ValueError(f"cache length {max_len} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        w = self.lm_head.weight
+        return KVCache(self.cfg.n_layer, batch, self.cfg.n_head, max_len, self.cfg.d_model // self.cfg.n_head,
+                       device=w.device, dtype=dtype or w.dtype)
 
     def logits(self, h: Tensor) -> Tensor:
         """(..., D) hidden states -> (..., V) logits."""
