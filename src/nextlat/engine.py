@@ -1,0 +1,337 @@
+"""KV-cached decoding and lossless self-speculative decoding (DESIGN.md section 3).
+
+Small pure functions over a preallocated :class:`~nextlat.model.KVCache`: ``prefill`` runs the
+prompts, ``decode`` extends them one token per forward pass, and ``speculative_decode`` lets a
+:class:`Drafter` propose tokens that one forward pass verifies. The engine knows nothing of
+tokenizers; prompts are token-id tensors of any lengths.
+
+The round structure keeps one *pending* token per row: chosen from the target model's
+distribution but not yet run through it. A round drafts K tokens after the pending one, verifies
+[pending, d_1..d_K] in one pass (gamma + 1 positions), accepts the longest valid prefix of
+the drafts, chooses the next pending token from the target at the first rejection (or a bonus
+token when all are accepted), and rolls the cache back past the rejected drafts. Greedy
+acceptance compares with the target argmax; sampled acceptance is the Leviathan et al. rule
+(arXiv 2211.17192) on the processed distributions (temperature, top-k, top-p) both sides
+actually sample from, so the output distribution equals plain sampling.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from nextlat.decoding import process_logits
+from nextlat.model import KVCache, Transformer
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How tokens are chosen: greedy when temperature is 0, else sampled from the processed distribution."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature}: must be >= 0")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k}: must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p}: must be in (0, 1]")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def probs(self, logits: Tensor) -> Tensor:
+        """The distribution actually sampled from: (..., V) logits -> (..., V) probabilities."""
+        return process_logits(logits, self.temperature, self.top_k, self.top_p)
+
+    def choose(self, logits: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor | None]:
+        """(B, V) logits -> (B,) tokens and the (B, V) probabilities used (None when greedy)."""
+        if self.greedy:
+            return logits.argmax(-1), None
+        probs = self.probs(logits)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1), probs
+
+
+class Drafter(Protocol):
+    """Proposes draft tokens after a verified position.
+
+    ``begin`` receives the exact final hidden state of the last verified position (B, D);
+    ``propose`` takes the drafter state and the latest token (pending or drafted) and returns
+    logits (B, V) for the token after it plus the new state. ``max_draft`` caps the draft length
+    (None: no cap, e.g. NextLat can roll past its training horizon).
+    """
+
+    max_draft: int | None
+
+    def begin(self, h_last: Tensor) -> Any: ...
+
+    def propose(self, state: Any, token: Tensor) -> tuple[Tensor, Any]: ...
+
+
+class NextLatDrafter:
+    """Drafts with the latent dynamics: h^ <- p_psi(h^, E(x)), x <- head(h^)."""
+
+    max_draft = None
+
+    def __init__(self, model: Transformer, dynamics: torch.nn.Module):
+        self.model, self.dynamics = model, dynamics
+
+    def begin(self, h_last: Tensor) -> Tensor:
+        return h_last
+
+    def propose(self, state: Tensor, token: Tensor) -> tuple[Tensor, Tensor]:
+        h = self.dynamics(state, self.model.embed_tokens(token))  # (B, D)
+        return self.model.logits(h), h
+
+
+@dataclass
+class DecodeStats:
+    """Counters of one decoding call (all rows together)."""
+
+    new_tokens: int = 0  # tokens emitted (all rows)
+    forward_passes: int = 0  # target forward passes after the prefill
+    rounds: int = 0  # speculative rounds x rows that were still active
+    drafted: int = 0  # draft tokens proposed to active rows
+    accepted: int = 0  # draft tokens accepted
+    position_tries: list[int] = field(default_factory=list)  # per draft slot j: rows that reached slot j
+    position_accepts: list[int] = field(default_factory=list)  # per draft slot j: rows that accepted slot j
+    draft_time_s: float = 0.0
+    verify_time_s: float = 0.0
+    prefill_time_s: float = 0.0
+
+    @property
+    def accepted_per_round(self) -> float:
+        """Accepted drafted tokens per round, not counting the always-correct first token (paper's metric)."""
+        return self.accepted / max(self.rounds, 1)
+
+    @property
+    def tokens_per_pass(self) -> float:
+        """Tokens emitted per row per target forward pass (tau)."""
+        return (self.accepted + self.rounds) / max(self.rounds, 1)
+
+    def acceptance_by_position(self) -> list[float]:
+        return [a / max(t, 1) for a, t in zip(self.position_accepts, self.position_tries)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "new_tokens": self.new_tokens, "forward_passes": self.forward_passes, "rounds": self.rounds,
+            "drafted": self.drafted, "accepted": self.accepted, "accepted_per_round": self.accepted_per_round,
+            "tokens_per_pass": self.tokens_per_pass, "acceptance_by_position": self.acceptance_by_position(),
+            "draft_time_s": self.draft_time_s, "verify_time_s": self.verify_time_s,
+            "prefill_time_s": self.prefill_time_s,
+        }
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]  # new tokens per row (up to and including a stop token)
+    stats: DecodeStats
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _as_rows(prompts: Tensor | list[Tensor]) -> list[Tensor]:
+    rows = list(prompts) if isinstance(prompts, (list, tuple)) else list(prompts.unbind(0))
+    if not rows:
+        raise ValueError("no prompts given")
+    for i, r in enumerate(rows):
+        if r.dim() != 1 or r.numel() == 0:
+            raise ValueError(f"prompt {i} must be a non-empty 1-D tensor of token ids, got shape {tuple(r.shape)}")
+    return rows
+
+
+@torch.no_grad()
+def prefill(model: Transformer, prompts: Tensor | list[Tensor], max_len: int) -> tuple[KVCache, Tensor, Tensor]:
+    """Run the prompts (any lengths) into a fresh cache.
+
+    Returns (cache, h_last (B, D), logits_last (B, V)) at each row's last prompt token. Shorter
+    prompts are right-padded; the padding is written but lies past the row's length, so it is
+    masked and later overwritten.
+    """
+    rows = _as_rows(prompts)
+    device = model.lm_head.weight.device
+    lengths = torch.tensor([len(r) for r in rows], device=device)
+    if int(lengths.max()) > max_len:
+        raise ValueError(f"prompt of {int(lengths.max())} tokens does not fit max_len={max_len}")
+    ids = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long, device=device)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = r.to(device)
+    cache = model.new_cache(len(rows), max_len)
+    h, _ = model(ids, cache=cache)  # (B, T, D)
+    cache.rollback(lengths)
+    h_last = h[torch.arange(len(rows), device=device), lengths - 1]
+    return cache, h_last, model.logits(h_last)
+
+
+def _check_budget(model: Transformer, prompts: list[Tensor], max_new_tokens: int, extra: int) -> int:
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
+    need = max(len(r) for r in prompts) + max_new_tokens + extra
+    if need > model.cfg.max_seq_len:
+        raise ValueError(f"longest prompt ({max(len(r) for r in prompts)}) + max_new_tokens ({max_new_tokens}) "
+                         f"+ draft room ({extra}) exceeds model.max_seq_len={model.cfg.max_seq_len}")
+    return need
+
+
+@torch.no_grad()
+def decode(model: Transformer, prompts: Tensor | list[Tensor], max_new_tokens: int, *,
+           sampling: Sampling = Sampling(), generator: torch.Generator | None = None,
+           stop_id: int | None = None) -> Generation:
+    """Ordinary KV-cached decoding: one forward pass of one token per new token."""
+    rows = _as_rows(prompts)
+    device = model.lm_head.weight.device
+    stats = DecodeStats()
+    _sync(device)
+    t0 = time.perf_counter()
+    cache, _, logits = prefill(model, rows, _check_budget(model, rows, max_new_tokens, 0))
+    _sync(device)
+    stats.prefill_time_s = time.perf_counter() - t0
+    out: list[list[int]] = [[] for _ in rows]
+    active = torch.ones(len(rows), dtype=torch.bool)
+    for _ in range(max_new_tokens):
+        tok, _ = sampling.choose(logits, generator)
+        for b in torch.nonzero(active).flatten().tolist():
+            out[b].append(int(tok[b]))
+            stats.new_tokens += 1
+            if (stop_id is not None and out[b][-1] == stop_id) or len(out[b]) == max_new_tokens:
+                active[b] = False
+        if not bool(active.any()):
+            break
+        h, _ = model(tok[:, None], cache=cache)
+        stats.forward_passes += 1
+        logits = model.logits(h[:, -1])
+    return Generation(out, stats)
+
+
+@torch.no_grad()
+def speculative_decode(model: Transformer, drafter: Drafter, prompts: Tensor | list[Tensor], max_new_tokens: int, *,
+                       gamma: int = 4, adaptive: float | None = None, sampling: Sampling = Sampling(),
+                       generator: torch.Generator | None = None, stop_id: int | None = None) -> Generation:
+    """Lossless speculative decoding with per-row acceptance.
+
+    gamma: draft tokens per round (the maximum when adaptive). adaptive: if set, stop drafting
+    once every active row's drafter top probability falls below this threshold.
+    """
+    if gamma < 1:
+        raise ValueError(f"gamma={gamma}: must be >= 1")
+    if adaptive is not None and not 0 <= adaptive < 1:
+        raise ValueError(f"adaptive threshold {adaptive}: must be in [0, 1)")
+    if drafter.max_draft is not None:
+        gamma = min(gamma, drafter.max_draft)
+    rows = _as_rows(prompts)
+    B = len(rows)
+    device = model.lm_head.weight.device
+    arange_b = torch.arange(B, device=device)
+    stats = DecodeStats(position_tries=[0] * gamma, position_accepts=[0] * gamma)
+    _sync(device)
+    t0 = time.perf_counter()
+    # Room for a round's drafts past the last emitted token, twice: a row that finishes mid-round keeps
+    # its accepted drafts and is still run (masked out) through later rounds.
+    cache, h_last, logits = prefill(model, rows, _check_budget(model, rows, max_new_tokens, 2 * (gamma + 1)))
+    pending, _ = sampling.choose(logits, generator)  # (B,), exact: from the target itself
+    _sync(device)
+    stats.prefill_time_s = time.perf_counter() - t0
+
+    out: list[list[int]] = [[] for _ in rows]
+    active = torch.ones(B, dtype=torch.bool)
+
+    def emit(b: int, token: int) -> None:
+        if active[b]:
+            out[b].append(token)
+            stats.new_tokens += 1
+            if (stop_id is not None and token == stop_id) or len(out[b]) == max_new_tokens:
+                active[b] = False
+
+    for b in range(B):
+        emit(b, int(pending[b]))
+    while bool(active.any()):
+        # ---- draft: K tokens after the pending one
+        _sync(device)
+        t0 = time.perf_counter()
+        state = drafter.begin(h_last)
+        token = pending
+        drafts, q_probs, row_len = [], [], torch.full((B,), gamma, dtype=torch.long, device=device)
+        for j in range(gamma):
+            d_logits, state = drafter.propose(state, token)
+            if sampling.greedy:
+                token, q = d_logits.argmax(-1), None
+                conf = torch.softmax(d_logits.float(), -1).amax(-1) if adaptive is not None else None
+            else:
+                token, q = sampling.choose(d_logits, generator)
+                conf = q.amax(-1) if adaptive is not None else None
+            drafts.append(token)
+            q_probs.append(q)
+            if adaptive is not None:
+                # A row stops at its first unconfident draft (that draft is still verified).
+                stopped = (row_len == gamma) & (conf < adaptive)
+                row_len = torch.where(stopped, torch.full_like(row_len, j + 1), row_len)
+                if bool((row_len[active.to(device)] <= j + 1).all()):
+                    break
+        K = len(drafts)
+        row_len = row_len.clamp(max=K)
+        draft = torch.stack(drafts, 1)  # (B, K)
+        _sync(device)
+        t1 = time.perf_counter()
+        stats.draft_time_s += t1 - t0
+
+        # ---- verify: one pass over [pending, d_1..d_K]
+        start = cache.lengths.clone()
+        h, _ = model(torch.cat([pending[:, None], draft], 1), cache=cache)  # (B, K + 1, D)
+        stats.forward_passes += 1
+        p_logits = model.logits(h)  # (B, K + 1, V): slot j predicts the token after position start + j
+        if sampling.greedy:
+            target = p_logits.argmax(-1)  # (B, K + 1)
+            ok = draft == target[:, :K]
+        else:
+            p = sampling.probs(p_logits)  # (B, K + 1, V)
+            q = torch.stack(q_probs, 1)  # (B, K, V)
+            p_d = p[:, :K].gather(-1, draft[..., None]).squeeze(-1)
+            q_d = q.gather(-1, draft[..., None]).squeeze(-1)
+            u = torch.rand(p_d.shape, generator=generator, device=device)
+            ok = u * q_d < p_d  # accept with probability min(1, p/q)
+        ok &= torch.arange(K, device=device)[None, :] < row_len[:, None]
+        n_acc = torch.cumprod(ok.long(), 1).sum(1)  # (B,) accepted drafts per row
+        # Next pending token: target argmax / residual sample at the first rejection, bonus sample if none.
+        if sampling.greedy:
+            new_pending = target[arange_b, n_acc]
+        else:
+            p_n = p[arange_b, n_acc]  # (B, V)
+            q_pad = torch.cat([q, torch.zeros_like(q[:, :1])], 1)  # slot K (bonus) has q = 0
+            q_n = q_pad[arange_b, n_acc]
+            q_n = torch.where((n_acc < row_len)[:, None], q_n, torch.zeros_like(q_n))
+            residual = (p_n - q_n).clamp(min=0)
+            residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_n)  # p == q: nothing to fix
+            new_pending = torch.multinomial(residual / residual.sum(-1, keepdim=True), 1, generator=generator)[:, 0]
+        # Keep pending + accepted drafts; finished rows stay where they are so their cache never grows.
+        cache.rollback(torch.where(active.to(device), start + 1 + n_acc, start))
+        h_last = h[arange_b, n_acc]
+        _sync(device)
+        stats.verify_time_s += time.perf_counter() - t1
+
+        # ---- bookkeeping and emission
+        n_list, len_list = n_acc.tolist(), row_len.tolist()
+        for b in range(B):
+            if not active[b]:
+                continue
+            stats.rounds += 1
+            stats.drafted += len_list[b]
+            stats.accepted += n_list[b]
+            for j in range(min(n_list[b] + 1, len_list[b])):
+                stats.position_tries[j] += 1
+                stats.position_accepts[j] += int(j < n_list[b])
+            for j in range(n_list[b]):
+                emit(b, int(draft[b, j]))
+            emit(b, int(new_pending[b]))
+        pending = new_pending
+    return Generation(out, stats)

@@ -1,0 +1,226 @@
+"""KV cache, cached decoding and speculative decoding: the equivalences the engine relies on."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from nextlat import engine
+from nextlat.config import ModelConfig, ObjectiveConfig
+from nextlat.decoding import generate
+from nextlat.engine import NextLatDrafter, Sampling, decode, prefill, speculative_decode
+from nextlat.model import Transformer
+from nextlat.objectives import build_objective
+
+
+def tiny(seed: int, vocab: int = 40, std: float = 0.02, layers: int = 2) -> tuple[Transformer, NextLatDrafter]:
+    torch.manual_seed(seed)
+    model = Transformer(ModelConfig(vocab_size=vocab, n_layer=layers, n_head=2, d_model=32, max_seq_len=160,
+                                    init_std=std)).eval()
+    objective = build_objective(ObjectiveConfig(name="next_latent"), model).eval()
+    return model, NextLatDrafter(model, objective.dynamics)
+
+
+def random_prompts(n: int, vocab: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (int(torch.randint(1, 15, (1,), generator=g)),), generator=g) for _ in range(n)]
+
+
+def reference(model: Transformer, prompts, n: int, stop_id=None) -> list[list[int]]:
+    out = []
+    for p in prompts:
+        new = generate(model, p[None], n)[0, len(p):].tolist()
+        if stop_id is not None and stop_id in new:
+            new = new[: new.index(stop_id) + 1]
+        out.append(new)
+    return out
+
+
+def test_cached_logits_equal_uncached():
+    model, _ = tiny(0)
+    x = torch.randint(0, 40, (3, 24))
+    full = model.logits(model(x)[0])
+    cache = model.new_cache(3, 30)
+    pieces = [model.logits(model(x[:, :10], cache=cache)[0])]
+    for t in range(10, 24, 3):  # chunks of 3, then 2
+        pieces.append(model.logits(model(x[:, t : t + 3], cache=cache)[0]))
+    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-5)
+    assert cache.lengths.tolist() == [24, 24, 24]
+
+
+def test_prefill_with_prompts_of_different_lengths():
+    model, _ = tiny(1)
+    prompts = [torch.randint(0, 40, (n,)) for n in (3, 11, 7)]
+    cache, h_last, logits = prefill(model, prompts, 20)
+    assert cache.lengths.tolist() == [3, 11, 7]
+    for b, p in enumerate(prompts):
+        h, _ = model(p[None])
+        torch.testing.assert_close(h_last[b], h[0, -1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(logits[b], model.logits(h[0, -1]), atol=1e-5, rtol=1e-5)
+
+
+def test_rollback_forgets_rejected_tokens():
+    model, _ = tiny(2)
+    a, rejected, c = torch.randint(0, 40, (2, 8)), torch.randint(0, 40, (2, 5)), torch.randint(0, 40, (2, 4))
+    cache = model.new_cache(2, 32)
+    model(a, cache=cache)
+    model(rejected, cache=cache)
+    cache.rollback(torch.tensor([8, 8]))
+    h_after, _ = model(c, cache=cache)
+    h_clean, _ = model(torch.cat([a, c], 1))
+    torch.testing.assert_close(h_after, h_clean[:, 8:], atol=1e-5, rtol=1e-5)
+    # per-row rollback: row 1 keeps two of the rejected tokens
+    cache = model.new_cache(2, 32)
+    model(torch.cat([a, rejected], 1), cache=cache)
+    cache.rollback(torch.tensor([8, 10]))
+    h_after, _ = model(c, cache=cache)
+    torch.testing.assert_close(h_after[0], model(torch.cat([a, c], 1))[0][0, 8:], atol=1e-5, rtol=1e-5)
+    row1 = torch.cat([a[1], rejected[1, :2], c[1]])[None]
+    torch.testing.assert_close(h_after[1], model(row1)[0][0, 10:], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="cannot extend"):
+        cache.rollback(torch.tensor([40, 40]))
+
+
+def test_cached_greedy_equals_reference_generation():
+    model, _ = tiny(3)
+    prompts = random_prompts(6, 40, seed=3)
+    assert decode(model, prompts, 25).tokens == reference(model, prompts, 25)
+    assert decode(model, prompts[:1], 25).tokens == reference(model, prompts[:1], 25)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_speculative_greedy_is_token_identical_on_random_models(seed):
+    model, drafter = tiny(seed, std=0.3 if seed % 2 else 0.02)  # larger init: less repetitive outputs
+    prompts = random_prompts(5, 40, seed=100 + seed)
+    stop = 5 if seed == 3 else None
+    ref = reference(model, prompts, 30, stop_id=stop)
+    for gamma, adaptive in [(1, None), (2, None), (4, None), (9, None), (6, 0.5), (6, 0.0)]:
+        got = speculative_decode(model, drafter, prompts, 30, gamma=gamma, adaptive=adaptive, stop_id=stop)
+        assert got.tokens == ref, (gamma, adaptive)
+        single = speculative_decode(model, drafter, prompts[:1], 30, gamma=gamma, adaptive=adaptive, stop_id=stop)
+        assert single.tokens == ref[:1], (gamma, adaptive)
+
+
+def test_speculative_greedy_on_a_trained_nextlat_model(tmp_path):
+    from nextlat.config import load_config
+    from nextlat.train import Trainer
+
+    cfg = load_config("pathstar-demo", [
+        "model.n_layer=2", "model.d_model=32", "model.n_head=2", "task.num_train=256", "task.num_test=16",
+        "task.eval_examples=16", "train.steps=40", "train.batch_size=32", "train.lr=3e-3", "train.progress=false",
+        "train.log_every=20", "train.eval_every=0",
+    ])
+    trainer = Trainer(cfg, out_dir=tmp_path / "run")
+    trainer.fit()
+    model, obj = trainer.model.eval(), trainer.objective.eval()
+    drafter = NextLatDrafter(model, obj.dynamics)
+    data = trainer.task.test_data()
+    prompts = list(data.seqs[:8, : data.prompt_len])
+    ref = reference(model, prompts, 12)
+    for gamma in (2, 5):
+        got = speculative_decode(model, drafter, prompts, 12, gamma=gamma)
+        assert got.tokens == ref
+        assert got.stats.accepted > 0  # a trained drafter gets some drafts accepted
+
+
+def test_stats_are_consistent():
+    model, drafter = tiny(5, std=0.3)
+    prompts = random_prompts(3, 40, seed=5)
+    g = speculative_decode(model, drafter, prompts, 20, gamma=4)
+    s = g.stats
+    assert s.new_tokens == sum(len(t) for t in g.tokens) == 60
+    assert s.accepted <= s.drafted <= 4 * s.rounds
+    assert s.tokens_per_pass == pytest.approx(1 + s.accepted_per_round)
+    assert s.position_tries[0] == s.rounds
+    assert all(a <= t for a, t in zip(s.position_accepts, s.position_tries))
+    assert sum(s.position_accepts) == s.accepted
+
+
+def test_bad_arguments():
+    model, drafter = tiny(6)
+    with pytest.raises(ValueError, match="gamma"):
+        speculative_decode(model, drafter, [torch.tensor([1, 2])], 5, gamma=0)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        decode(model, [torch.tensor([1, 2])], 500)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        decode(model, [torch.tensor([1, 99])], 5)
+    with pytest.raises(ValueError, match="1-D"):
+        decode(model, [torch.tensor([[1, 2]])], 5)
+    with pytest.raises(ValueError, match="temperature"):
+        Sampling(temperature=-1.0)
+
+
+# ----------------------------------------------------------------------------- sampling is lossless
+
+
+@torch.no_grad()
+def exact_distribution(model: Transformer, prompt: torch.Tensor, n: int, sampling: Sampling) -> dict[tuple, float]:
+    """Probability of every n-token continuation under plain sampling (chain rule over the processed p)."""
+    V = model.cfg.vocab_size
+    seqs = torch.tensor(list(itertools.product(range(V), repeat=n)))  # (V^n, n)
+    full = torch.cat([prompt.expand(len(seqs), -1), seqs], 1)
+    logits = model.logits(model(full[:, :-1])[0])[:, len(prompt) - 1 :]  # (V^n, n, V)
+    probs = sampling.probs(logits).gather(-1, seqs[..., None]).squeeze(-1).prod(-1)
+    return {tuple(s.tolist()): float(p) for s, p in zip(seqs, probs)}
+
+
+def chi_square(samples: list[list[int]], expected: dict[tuple, float]) -> tuple[float, int]:
+    counts: dict[tuple, int] = {}
+    for s in samples:
+        counts[tuple(s)] = counts.get(tuple(s), 0) + 1
+    n = len(samples)
+    stat, cells = 0.0, 0
+    for seq, p in expected.items():
+        if p * n >= 5:  # pool rare outcomes (standard chi-square validity rule)
+            stat += (counts.get(seq, 0) - p * n) ** 2 / (p * n)
+            cells += 1
+    rare_p = sum(p for p in expected.values() if p * n < 5)
+    rare_obs = sum(c for seq, c in counts.items() if expected.get(seq, 0) * n < 5)
+    if rare_p > 0:
+        stat += (rare_obs - rare_p * n) ** 2 / (rare_p * n)
+        cells += 1
+    return stat, cells - 1
+
+
+def chi2_critical(df: int, z: float = 3.09) -> float:
+    """Upper 0.1% point of chi-square(df), Wilson-Hilferty approximation."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def sampled_runs(model, drafter, prompt, n, sampling, total, batch=2000, **kw) -> list[list[int]]:
+    g = torch.Generator().manual_seed(1234)
+    out: list[list[int]] = []
+    while len(out) < total:
+        out += speculative_decode(model, drafter, [prompt] * batch, n, sampling=sampling, generator=g, **kw).tokens
+    return out[:total]
+
+
+@pytest.mark.parametrize("sampling", [Sampling(temperature=1.0), Sampling(temperature=0.8, top_k=3, top_p=0.9)])
+def test_speculative_sampling_matches_plain_sampling(sampling):
+    model, drafter = tiny(7, vocab=5, std=0.5, layers=1)
+    prompt = torch.tensor([1, 3, 0])
+    expected = exact_distribution(model, prompt, 3, sampling)
+    samples = sampled_runs(model, drafter, prompt, 3, sampling, total=16000, gamma=3)
+    stat, df = chi_square(samples, expected)
+    assert stat < chi2_critical(df), (stat, df)
+    # plain cached sampling passes the same test
+    g = torch.Generator().manual_seed(99)
+    plain = []
+    while len(plain) < 16000:
+        plain += decode(model, [prompt] * 2000, 3, sampling=sampling, generator=g).tokens
+    stat_plain, df_plain = chi_square(plain, expected)
+    assert stat_plain < chi2_critical(df_plain), (stat_plain, df_plain)
+
+
+def test_broken_acceptance_rule_is_detected(monkeypatch):
+    """Accepting every draft (u = 0) samples the drafter's distribution: the test above must catch it."""
+    model, drafter = tiny(7, vocab=5, std=0.5, layers=1)
+    prompt, sampling = torch.tensor([1, 3, 0]), Sampling(temperature=1.0)
+    expected = exact_distribution(model, prompt, 3, sampling)
+    monkeypatch.setattr(engine.torch, "rand", lambda shape, generator=None, device=None: torch.zeros(shape))
+    samples = sampled_runs(model, drafter, prompt, 3, sampling, total=16000, gamma=3)
+    stat, df = chi_square(samples, expected)
+    assert stat > chi2_critical(df), (stat, df)
