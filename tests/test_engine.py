@@ -11,7 +11,7 @@ import torch
 from nextlat import engine
 from nextlat.config import ModelConfig, ObjectiveConfig
 from nextlat.decoding import generate
-from nextlat.engine import NextLatDrafter, Sampling, decode, prefill, speculative_decode
+from nextlat.engine import CachedTarget, NextLatDrafter, RecomputeTarget, Sampling, decode, speculative_decode
 from nextlat.model import Transformer
 from nextlat.objectives import build_objective
 
@@ -51,15 +51,22 @@ def test_cached_logits_equal_uncached():
     assert cache.lengths.tolist() == [24, 24, 24]
 
 
-def test_prefill_with_prompts_of_different_lengths():
+@pytest.mark.parametrize("target_cls", [CachedTarget, RecomputeTarget])
+def test_targets_with_prompts_of_different_lengths(target_cls):
     model, _ = tiny(1)
     prompts = [torch.randint(0, 40, (n,)) for n in (3, 11, 7)]
-    cache, h_last, logits = prefill(model, prompts, 20)
-    assert cache.lengths.tolist() == [3, 11, 7]
+    target = target_cls(model, prompts, 24)
+    new = torch.randint(0, 40, (3, 4))
+    h_new = target.run(new)
+    target.keep(torch.tensor([1, 4, 0]))  # row 0 keeps one token, row 1 all, row 2 none
+    more = torch.randint(0, 40, (3, 2))
+    h_more = target.run(more)
     for b, p in enumerate(prompts):
         h, _ = model(p[None])
-        torch.testing.assert_close(h_last[b], h[0, -1], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(logits[b], model.logits(h[0, -1]), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(target.h_last[b], h[0, -1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(h_new[b], model(torch.cat([p, new[b]])[None])[0][0, len(p):], atol=1e-5, rtol=1e-5)
+        kept = torch.cat([p, new[b, : [1, 4, 0][b]], more[b]])
+        torch.testing.assert_close(h_more[b], model(kept[None])[0][0, -2:], atol=1e-5, rtol=1e-5)
 
 
 def test_rollback_forgets_rejected_tokens():
@@ -84,11 +91,20 @@ def test_rollback_forgets_rejected_tokens():
         cache.rollback(torch.tensor([40, 40]))
 
 
-def test_cached_greedy_equals_reference_generation():
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_greedy_decoding_equals_reference_generation(use_cache):
     model, _ = tiny(3)
     prompts = random_prompts(6, 40, seed=3)
-    assert decode(model, prompts, 25).tokens == reference(model, prompts, 25)
-    assert decode(model, prompts[:1], 25).tokens == reference(model, prompts[:1], 25)
+    assert decode(model, prompts, 25, use_cache=use_cache).tokens == reference(model, prompts, 25)
+    assert decode(model, prompts[:1], 25, use_cache=use_cache).tokens == reference(model, prompts[:1], 25)
+
+
+def test_speculative_without_cache_is_identical_too():
+    model, drafter = tiny(4, std=0.3)
+    prompts = random_prompts(4, 40, seed=4)
+    ref = reference(model, prompts, 20)
+    for gamma in (1, 3, 8):
+        assert speculative_decode(model, drafter, prompts, 20, gamma=gamma, use_cache=False).tokens == ref
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -1,8 +1,10 @@
 """KV-cached decoding and lossless self-speculative decoding (DESIGN.md section 3).
 
-Small pure functions over a preallocated :class:`~nextlat.model.KVCache`: ``prefill`` runs the
-prompts, ``decode`` extends them one token per forward pass, and ``speculative_decode`` lets a
-:class:`Drafter` propose tokens that one forward pass verifies. The engine knows nothing of
+A target wraps the model: :class:`CachedTarget` keeps a preallocated KV cache (prefill of the
+prompts, then only new tokens; rollback = lowering a row's length) and :class:`RecomputeTarget`
+reruns whole sequences, the no-cache protocol of the paper's code. ``decode`` extends prompts one
+token per forward pass; ``speculative_decode`` lets a :class:`Drafter` propose tokens that one
+forward pass verifies. The engine knows nothing of
 tokenizers; prompts are token-id tensors of any lengths.
 
 The round structure keeps one *pending* token per row: chosen from the target model's
@@ -25,7 +27,7 @@ import torch
 from torch import Tensor
 
 from nextlat.decoding import process_logits
-from nextlat.model import KVCache, Transformer
+from nextlat.model import Transformer
 
 
 @dataclass(frozen=True)
@@ -151,27 +153,67 @@ def _as_rows(prompts: Tensor | list[Tensor]) -> list[Tensor]:
     return rows
 
 
-@torch.no_grad()
-def prefill(model: Transformer, prompts: Tensor | list[Tensor], max_len: int) -> tuple[KVCache, Tensor, Tensor]:
-    """Run the prompts (any lengths) into a fresh cache.
-
-    Returns (cache, h_last (B, D), logits_last (B, V)) at each row's last prompt token. Shorter
-    prompts are right-padded; the padding is written but lies past the row's length, so it is
-    masked and later overwritten.
-    """
-    rows = _as_rows(prompts)
-    device = model.lm_head.weight.device
-    lengths = torch.tensor([len(r) for r in rows], device=device)
-    if int(lengths.max()) > max_len:
-        raise ValueError(f"prompt of {int(lengths.max())} tokens does not fit max_len={max_len}")
-    ids = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long, device=device)
+def _pad(rows: list[Tensor], width: int, device: torch.device) -> Tensor:
+    ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)
     for i, r in enumerate(rows):
         ids[i, : len(r)] = r.to(device)
-    cache = model.new_cache(len(rows), max_len)
-    h, _ = model(ids, cache=cache)  # (B, T, D)
-    cache.rollback(lengths)
-    h_last = h[torch.arange(len(rows), device=device), lengths - 1]
-    return cache, h_last, model.logits(h_last)
+    return ids
+
+
+class CachedTarget:
+    """The target model behind a KV cache: each call runs only the new tokens."""
+
+    def __init__(self, model: Transformer, prompts: list[Tensor], max_len: int):
+        device = model.lm_head.weight.device
+        self.model = model
+        lengths = torch.tensor([len(r) for r in prompts], device=device)
+        if int(lengths.max()) > max_len:
+            raise ValueError(f"prompt of {int(lengths.max())} tokens does not fit max_len={max_len}")
+        self.cache = model.new_cache(len(prompts), max_len)
+        # Right-padded prompts: the padding is written but lies past each row's length, so it is
+        # masked out and later overwritten.
+        h, _ = model(_pad(prompts, int(lengths.max()), device), cache=self.cache)  # (B, T, D)
+        self.cache.rollback(lengths)
+        self.h_last = h[torch.arange(len(prompts), device=device), lengths - 1]  # (B, D)
+
+    def run(self, tokens: Tensor) -> Tensor:
+        """Append (B, K) tokens after each row's prefix; return their hidden states (B, K, D)."""
+        self.start = self.cache.lengths.clone()
+        return self.model(tokens, cache=self.cache)[0]
+
+    def keep(self, n: Tensor) -> None:
+        """Keep the first n (B,) of the tokens of the last run; forget the rest."""
+        self.cache.rollback(self.start + n)
+
+
+class RecomputeTarget:
+    """The target model without a cache: every call reruns each row's whole sequence.
+
+    This is the protocol of the paper's code (both the baseline and the speculative loop), kept
+    for side-by-side comparison; right padding is harmless because attention is causal.
+    """
+
+    def __init__(self, model: Transformer, prompts: list[Tensor], max_len: int):
+        device = model.lm_head.weight.device
+        self.model = model
+        self.lengths = torch.tensor([len(r) for r in prompts], device=device)
+        self.ids = _pad(prompts, max_len, device)  # (B, max_len)
+        h, _ = model(self.ids[:, : int(self.lengths.max())])
+        self.h_last = h[torch.arange(len(prompts), device=device), self.lengths - 1]
+
+    def run(self, tokens: Tensor) -> Tensor:
+        B, K = tokens.shape
+        pos = self.lengths[:, None] + torch.arange(K, device=tokens.device)  # (B, K)
+        self.ids.scatter_(1, pos, tokens)
+        h, _ = self.model(self.ids[:, : int(pos.max()) + 1])
+        return h.gather(1, pos[..., None].expand(B, K, h.shape[-1]))
+
+    def keep(self, n: Tensor) -> None:
+        self.lengths = self.lengths + n
+
+
+def _target(model: Transformer, prompts: list[Tensor], max_len: int, use_cache: bool) -> CachedTarget | RecomputeTarget:
+    return (CachedTarget if use_cache else RecomputeTarget)(model, prompts, max_len)
 
 
 def _check_budget(model: Transformer, prompts: list[Tensor], max_new_tokens: int, extra: int) -> int:
@@ -184,40 +226,56 @@ def _check_budget(model: Transformer, prompts: list[Tensor], max_new_tokens: int
     return need
 
 
+class _Emitter:
+    """Collects each row's new tokens and tracks which rows are still generating."""
+
+    def __init__(self, batch: int, max_new_tokens: int, stop_id: int | None, stats: DecodeStats):
+        self.out: list[list[int]] = [[] for _ in range(batch)]
+        self.active = torch.ones(batch, dtype=torch.bool)
+        self.max_new, self.stop_id, self.stats = max_new_tokens, stop_id, stats
+
+    def __call__(self, b: int, token: int) -> None:
+        if self.active[b]:
+            self.out[b].append(token)
+            self.stats.new_tokens += 1
+            if token == self.stop_id or len(self.out[b]) == self.max_new:
+                self.active[b] = False
+
+
 @torch.no_grad()
 def decode(model: Transformer, prompts: Tensor | list[Tensor], max_new_tokens: int, *,
            sampling: Sampling = Sampling(), generator: torch.Generator | None = None,
-           stop_id: int | None = None) -> Generation:
-    """Ordinary KV-cached decoding: one forward pass of one token per new token."""
+           stop_id: int | None = None, use_cache: bool = True) -> Generation:
+    """Ordinary decoding: one target forward pass per new token (KV-cached unless use_cache=False)."""
     rows = _as_rows(prompts)
     device = model.lm_head.weight.device
     stats = DecodeStats()
     _sync(device)
     t0 = time.perf_counter()
-    cache, _, logits = prefill(model, rows, _check_budget(model, rows, max_new_tokens, 0))
+    target = _target(model, rows, _check_budget(model, rows, max_new_tokens, 0), use_cache)
+    logits = model.logits(target.h_last)
     _sync(device)
     stats.prefill_time_s = time.perf_counter() - t0
-    out: list[list[int]] = [[] for _ in rows]
-    active = torch.ones(len(rows), dtype=torch.bool)
-    for _ in range(max_new_tokens):
+    emit = _Emitter(len(rows), max_new_tokens, stop_id, stats)
+    ones = torch.ones(len(rows), dtype=torch.long, device=device)
+    while True:
         tok, _ = sampling.choose(logits, generator)
-        for b in torch.nonzero(active).flatten().tolist():
-            out[b].append(int(tok[b]))
-            stats.new_tokens += 1
-            if (stop_id is not None and out[b][-1] == stop_id) or len(out[b]) == max_new_tokens:
-                active[b] = False
-        if not bool(active.any()):
+        for b in range(len(rows)):
+            emit(b, int(tok[b]))
+        if not bool(emit.active.any()):
             break
-        h, _ = model(tok[:, None], cache=cache)
+        h = target.run(tok[:, None])
+        target.keep(ones)
         stats.forward_passes += 1
         logits = model.logits(h[:, -1])
-    return Generation(out, stats)
+    return Generation(emit.out, stats)
 
 
 @torch.no_grad()
 def speculative_decode(model: Transformer, drafter: Drafter, prompts: Tensor | list[Tensor], max_new_tokens: int, *,
                        gamma: int = 4, adaptive: float | None = None, sampling: Sampling = Sampling(),
-                       generator: torch.Generator | None = None, stop_id: int | None = None) -> Generation:
+                       generator: torch.Generator | None = None, stop_id: int | None = None,
+                       use_cache: bool = True) -> Generation:
     """Lossless speculative decoding with per-row acceptance.
 
     gamma: draft tokens per round (the maximum when adaptive). adaptive: if set, stop drafting
@@ -237,22 +295,15 @@ def speculative_decode(model: Transformer, drafter: Drafter, prompts: Tensor | l
     _sync(device)
     t0 = time.perf_counter()
     # Room for a round's drafts past the last emitted token, twice: a row that finishes mid-round keeps
-    # its accepted drafts and is still run (masked out) through later rounds.
-    cache, h_last, logits = prefill(model, rows, _check_budget(model, rows, max_new_tokens, 2 * (gamma + 1)))
-    pending, _ = sampling.choose(logits, generator)  # (B,), exact: from the target itself
+    # its accepted drafts and is still run (its output ignored) through later rounds.
+    target = _target(model, rows, _check_budget(model, rows, max_new_tokens, 2 * (gamma + 1)), use_cache)
+    h_last = target.h_last
+    pending, _ = sampling.choose(model.logits(h_last), generator)  # (B,), exact: from the target itself
     _sync(device)
     stats.prefill_time_s = time.perf_counter() - t0
 
-    out: list[list[int]] = [[] for _ in rows]
-    active = torch.ones(B, dtype=torch.bool)
-
-    def emit(b: int, token: int) -> None:
-        if active[b]:
-            out[b].append(token)
-            stats.new_tokens += 1
-            if (stop_id is not None and token == stop_id) or len(out[b]) == max_new_tokens:
-                active[b] = False
-
+    emit = _Emitter(B, max_new_tokens, stop_id, stats)
+    active = emit.active
     for b in range(B):
         emit(b, int(pending[b]))
     while bool(active.any()):
@@ -286,13 +337,12 @@ def speculative_decode(model: Transformer, drafter: Drafter, prompts: Tensor | l
         stats.draft_time_s += t1 - t0
 
         # ---- verify: one pass over [pending, d_1..d_K]
-        start = cache.lengths.clone()
-        h, _ = model(torch.cat([pending[:, None], draft], 1), cache=cache)  # (B, K + 1, D)
+        h = target.run(torch.cat([pending[:, None], draft], 1))  # (B, K + 1, D)
         stats.forward_passes += 1
         p_logits = model.logits(h)  # (B, K + 1, V): slot j predicts the token after position start + j
         if sampling.greedy:
-            target = p_logits.argmax(-1)  # (B, K + 1)
-            ok = draft == target[:, :K]
+            best = p_logits.argmax(-1)  # (B, K + 1)
+            ok = draft == best[:, :K]
         else:
             p = sampling.probs(p_logits)  # (B, K + 1, V)
             q = torch.stack(q_probs, 1)  # (B, K, V)
@@ -304,7 +354,7 @@ def speculative_decode(model: Transformer, drafter: Drafter, prompts: Tensor | l
         n_acc = torch.cumprod(ok.long(), 1).sum(1)  # (B,) accepted drafts per row
         # Next pending token: target argmax / residual sample at the first rejection, bonus sample if none.
         if sampling.greedy:
-            new_pending = target[arange_b, n_acc]
+            new_pending = best[arange_b, n_acc]
         else:
             p_n = p[arange_b, n_acc]  # (B, V)
             q_pad = torch.cat([q, torch.zeros_like(q[:, :1])], 1)  # slot K (bonus) has q = 0
@@ -314,7 +364,7 @@ def speculative_decode(model: Transformer, drafter: Drafter, prompts: Tensor | l
             residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_n)  # p == q: nothing to fix
             new_pending = torch.multinomial(residual / residual.sum(-1, keepdim=True), 1, generator=generator)[:, 0]
         # Keep pending + accepted drafts; finished rows stay where they are so their cache never grows.
-        cache.rollback(torch.where(active.to(device), start + 1 + n_acc, start))
+        target.keep(torch.where(active.to(device), 1 + n_acc, torch.zeros_like(n_acc)))
         h_last = h[arange_b, n_acc]
         _sync(device)
         stats.verify_time_s += time.perf_counter() - t1
@@ -334,4 +384,4 @@ def speculative_decode(model: Transformer, drafter: Drafter, prompts: Tensor | l
                 emit(b, int(draft[b, j]))
             emit(b, int(new_pending[b]))
         pending = new_pending
-    return Generation(out, stats)
+    return Generation(emit.out, stats)
