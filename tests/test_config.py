@@ -40,7 +40,7 @@ def test_every_shipped_recipe_loads_and_builds(name):
     assert isinstance(cfg, Config)
     # the YAML is a faithful serialisation: re-loading its dump gives the same config
     assert config_from_dict(yaml.safe_load(cfg.to_yaml())) == cfg
-    vocab = cfg.model.vocab_size or build_task(cfg.task).tokenizer.vocab_size
+    vocab = cfg.model.vocab_size or build_task(cfg.task).vocab_size  # text tasks: no corpus preparation
     if _approx_params(cfg, vocab) > 50e6:
         pytest.skip(f"{name}: too large to build in the unit tests")
     comps = build(cfg)
@@ -60,9 +60,9 @@ def test_defaults_and_recipe_without_task_section_get_the_task_dataclass(tmp_pat
 
 
 def test_overrides_apply_and_are_typed():
-    cfg = load_config("pathstar-demo", ["train.lr=1e-3", "train.steps=7", "objective.horizon=2",
+    cfg = load_config("pathstar-demo", ["train.lr=1e-3", "train.steps=7", "objective.horizon=3",
                                         "task.degree=3", "train.progress=false", "run_name=abc"])
-    assert cfg.train.lr == 1e-3 and cfg.train.steps == 7 and cfg.objective.horizon == 2
+    assert cfg.train.lr == 1e-3 and cfg.train.steps == 7 and cfg.objective.horizon == 3
     assert cfg.task.degree == 3 and cfg.train.progress is False and cfg.run_name == "abc"
     # YAML 1.1 reads 5e-4 (no dot) as a string; float fields still accept it, ints are widened
     cfg = config_from_dict({"train": {"lr": "5e-4", "min_lr_ratio": 0}})

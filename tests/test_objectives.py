@@ -336,4 +336,5 @@ def test_next_latent_owns_its_dynamics(make_model, make_objective):
     assert isinstance(obj, NextLatent)
     names = {n for n, _ in obj.named_parameters()}
     assert names == {"dynamics.norm.weight", "dynamics.fc1.weight", "dynamics.fc2.weight", "dynamics.fc3.weight"}
-    assert obj.count_parameters() == sum(p.numel() for p in obj.dynamics.parameters())
+    drafter = obj.drafter(model)
+    assert drafter.dynamics is obj.dynamics and drafter.model is model

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from nextlat.config import load_config
+from nextlat.objectives import OBJECTIVES
 from nextlat.optim import build_optimizer
 from nextlat.train import build, optimizer_step, resolve_device
 
@@ -31,7 +32,12 @@ def bench_train(recipe: str, overrides: list[str] | None = None, *, objectives: 
     device = resolve_device(base.train.device)
     if base.train.threads > 0:
         torch.set_num_threads(base.train.threads)
-    variants = [("next_token", 1)] + [(o, d) for o in objectives if o != "next_token" for d in horizons]
+    unknown = [o for o in objectives if o not in OBJECTIVES]
+    if unknown:
+        raise ValueError(f"unknown objective {unknown[0]!r} (known: {', '.join(sorted(OBJECTIVES))})")
+    # Objectives that ignore the horizon (e.g. bst) are measured once.
+    variants = [("next_token", 1)] + [(o, d) for o in objectives if o != "next_token"
+                                      for d in (horizons if OBJECTIVES[o].uses_horizon else horizons[:1])]
     runs = []
     for name, d in variants:
         cfg = dataclasses.replace(base, objective=dataclasses.replace(base.objective, name=name, horizon=d))
@@ -50,8 +56,11 @@ def bench_train(recipe: str, overrides: list[str] | None = None, *, objectives: 
         _sync(device)
         return (time.perf_counter() - t0) / n
 
+    if steps < 1 or repeats < 1 or warmup < 0:
+        raise ValueError(f"bench-train needs steps >= 1, repeats >= 1 and warmup >= 0 (got {steps}, {repeats}, {warmup})")
     for r in runs:
-        run_steps(r, warmup)
+        if warmup:
+            run_steps(r, warmup)
     for _ in range(repeats):
         for r in runs:
             if device.type == "cuda":
@@ -68,7 +77,7 @@ def bench_train(recipe: str, overrides: list[str] | None = None, *, objectives: 
         med = statistics.median(r["times"])
         rows.append({
             "objective": r["objective"],
-            "horizon": r["horizon"] if r["objective"] != "next_token" else None,
+            "horizon": r["horizon"] if OBJECTIVES[r["objective"]].uses_horizon else None,
             "params_backbone": sum(p.numel() for p in r["comps"].model.parameters()),
             "params_objective": sum(p.numel() for p in r["comps"].objective.parameters()),
             "step_s_median": med,
@@ -100,3 +109,109 @@ def bench_train(recipe: str, overrides: list[str] | None = None, *, objectives: 
         Path(json_out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     return rows
 
+
+
+def _time(fn, device: torch.device, *args, **kwargs):
+    _sync(device)
+    t0 = time.perf_counter()
+    result = fn(*args, **kwargs)
+    _sync(device)
+    return time.perf_counter() - t0, result
+
+
+def bench_decode(checkpoint: str, *, n_prompts: int = 8, prompt_len: int = 64, max_new_tokens: int = 64,
+                 gammas: list[int] = (2, 3, 4, 5, 6, 8, 10), adaptive: list[float] = (0.5,), max_gamma: int = 10,
+                 batch_size: int = 1, repeats: int = 3, paper_protocol: bool = True, temperature: float = 0.0,
+                 device: str = "auto", json_out: str | None = None) -> dict:
+    """Speculative vs ordinary decoding of one checkpoint, side by side in one process.
+
+    For each protocol (KV-cached; and the paper's recompute-everything protocol) and each repeat,
+    the baseline and every drafting setting decode the same prompts in interleaved order; the
+    speedup of a setting is the median over repeats of baseline time / its time in the same
+    repeat. Greedy outputs are checked token for token against the baseline.
+    """
+    from nextlat.engine import Sampling, decode, speculative_decode
+    from nextlat.train import load_components
+
+    dev = resolve_device(device)
+    comps, meta = load_components(checkpoint, dev)
+    model, objective = comps.model.eval(), comps.objective.eval()
+    drafter = objective.drafter(model)
+    if drafter is None:
+        raise ValueError(f"objective {comps.cfg.objective.name!r} of {checkpoint} has no drafter for speculative decoding")
+    prompts = comps.task.prompts(n_prompts, prompt_len, seed=0)
+    eos = comps.task.tokenizer.eos_id
+    sampling = Sampling(temperature=temperature)
+    settings = [("baseline", None, None)] + [(f"gamma={g}", g, None) for g in gammas] + \
+               [(f"adaptive<{a}", max_gamma, a) for a in adaptive]
+    batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
+
+    def run(setting, use_cache: bool, seed: int):
+        _, gamma, threshold = setting
+        g = torch.Generator(device=dev).manual_seed(seed)
+        outs, stats = [], []
+        for rows in batches:
+            if gamma is None:
+                res = decode(model, rows, max_new_tokens, sampling=sampling, generator=g, stop_id=eos,
+                             use_cache=use_cache)
+            else:
+                res = speculative_decode(model, drafter, rows, max_new_tokens, gamma=gamma, adaptive=threshold,
+                                         sampling=sampling, generator=g, stop_id=eos, use_cache=use_cache)
+            outs += res.tokens
+            stats.append(res.stats)
+        return outs, stats
+
+    protocols = [("kv-cache", True)] + ([("paper (no cache)", False)] if paper_protocol else [])
+    report = {"checkpoint": str(checkpoint), "step": meta["step"], "device": str(dev),
+              "threads": torch.get_num_threads(), "prompts": len(prompts), "prompt_len": [len(p) for p in prompts],
+              "max_new_tokens": max_new_tokens, "batch_size": batch_size, "repeats": repeats,
+              "temperature": temperature, "protocols": {}}
+    with torch.no_grad():
+        run(settings[0], True, 0)  # warm-up
+        for pname, use_cache in protocols:
+            times = {s[0]: [] for s in settings}
+            outputs, all_stats = {}, {}
+            for r in range(repeats):
+                for setting in settings:
+                    t, (outs, stats) = _time(run, dev, setting, use_cache, seed=r)
+                    times[setting[0]].append(t)
+                    outputs[setting[0]], all_stats[setting[0]] = outs, stats
+            rows = []
+            base_tokens = sum(len(o) for o in outputs["baseline"])
+            for name, _, _ in settings:
+                speedups = [tb / ts for tb, ts in zip(times["baseline"], times[name])]
+                st = all_stats[name]
+                rounds = sum(s.rounds for s in st)
+                accepted = sum(s.accepted for s in st)
+                tries = [sum(s.position_tries[j] for s in st) for j in range(len(st[0].position_tries))]
+                accs = [sum(s.position_accepts[j] for s in st) for j in range(len(tries))]
+                rows.append({
+                    "setting": name,
+                    "time_s_median": statistics.median(times[name]),
+                    "tokens_per_s": sum(len(o) for o in outputs[name]) / statistics.median(times[name]),
+                    "speedup_median": statistics.median(speedups),
+                    "speedup_min": min(speedups),
+                    "speedup_max": max(speedups),
+                    "accepted_per_round": accepted / rounds if rounds else None,
+                    "tokens_per_pass": (accepted + rounds) / rounds if rounds else 1.0,
+                    "acceptance_by_position": [a / t if t else None for a, t in zip(accs, tries)],
+                    "draft_time_s": sum(s.draft_time_s for s in st),
+                    "verify_time_s": sum(s.verify_time_s for s in st),
+                    "identical_to_baseline": outputs[name] == outputs["baseline"] if temperature == 0 else None,
+                    "new_tokens": sum(len(o) for o in outputs[name]),
+                })
+            report["protocols"][pname] = rows
+            print(f"\n{pname}: {len(prompts)} prompts, batch {batch_size}, {base_tokens} new tokens, "
+                  f"{repeats} repeats, device {dev}, threads {torch.get_num_threads()}")
+            print(f"{'setting':14s} {'tok/s':>8s} {'speedup [min, max]':>24s} {'accepted/round':>15s} "
+                  f"{'tok/pass':>9s} {'draft s':>8s} {'verify s':>9s} {'identical':>9s}")
+            for row in rows:
+                acc = f"{row['accepted_per_round']:.2f}" if row["accepted_per_round"] is not None else "-"
+                ident = {True: "yes", False: "NO", None: "n/a"}[row["identical_to_baseline"]]
+                print(f"{row['setting']:14s} {row['tokens_per_s']:8.1f} {row['speedup_median']:8.2f}x "
+                      f"[{row['speedup_min']:.2f}, {row['speedup_max']:.2f}] {acc:>15s} {row['tokens_per_pass']:9.2f} "
+                      f"{row['draft_time_s']:8.3f} {row['verify_time_s']:9.3f} {ident:>9s}")
+    if json_out:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(json.dumps(report, indent=2))
+    return report

@@ -8,6 +8,7 @@ Layout of ``<run>/checkpoints/step_0001000/``::
     meta.json              format, version, step, metrics
     trainer.safetensors    optimizer moments and RNG states, for exact resume
     trainer.json           optimizer hyper-parameters and the Python RNG state
+    (artifacts)            files the task needs to use the model, e.g. tokenizer.json of a text task
 
 Nothing is unpickled: tensors go through safetensors, everything else is YAML or JSON. A folder
 is written under a temporary name and renamed into place, so an interrupted save never leaves a
@@ -36,6 +37,7 @@ from nextlat.config import Config, ConfigError, config_from_dict, read_yaml
 FORMAT = "nextlat-checkpoint"
 FORMAT_VERSION = 1
 _REQUIRED = ("meta.json", "config.yaml", "model.safetensors", "objective.safetensors")
+_RESERVED = (*_REQUIRED, "trainer.safetensors", "trainer.json")
 
 
 class CheckpointError(ValueError):
@@ -64,9 +66,17 @@ def save_checkpoint(
     metrics: dict[str, Any] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     param_names: dict[int, str] | None = None,
+    artifacts: dict[str, bytes] | None = None,
 ) -> Path:
-    """Write a checkpoint folder atomically. ``param_names`` maps id(param) -> name for the optimizer state."""
+    """Write a checkpoint folder atomically. ``param_names`` maps id(param) -> name for the optimizer state.
+
+    ``artifacts``: extra files (name -> content) the task needs to use the model, e.g. its tokenizer.
+    """
     path = Path(path)
+    artifacts = artifacts or {}
+    for name in artifacts:
+        if not name or name != Path(name).name or name.startswith(".") or name in _RESERVED:
+            raise ValueError(f"checkpoint artifact name {name!r} must be a plain file name other than {_RESERVED}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     if tmp.exists():
@@ -85,11 +95,17 @@ def save_checkpoint(
         "task": cfg.task.name,
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "has_trainer_state": optimizer is not None,
+        "artifacts": sorted(artifacts),
     }
     if optimizer is not None:
         tensors, info = _trainer_state(optimizer, param_names or {})
         save_file(tensors, tmp / "trainer.safetensors")
         _fsync_write(tmp / "trainer.json", json.dumps(info))
+    for name, content in artifacts.items():
+        with open(tmp / name, "wb") as f:
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
     _fsync_write(tmp / "meta.json", json.dumps(meta, indent=2))  # written last: marks the folder complete
     old = path.with_name(f".{path.name}.old-{os.getpid()}")
     if path.exists():

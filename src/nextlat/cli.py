@@ -32,24 +32,31 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from nextlat.decoding import generate
+    from nextlat.engine import Sampling, decode, speculative_decode
     from nextlat.train import load_components, resolve_device
 
     device = resolve_device(args.device)
     comps, _ = load_components(args.checkpoint, device)
+    model, objective = comps.model.eval(), comps.objective.eval()
     tok = comps.task.tokenizer
     ids = tok.encode(args.prompt)
     if not ids:
         raise ValueError("--prompt encodes to no tokens")
-    prompt = torch.tensor([ids], device=device)
+    prompt = torch.tensor(ids, device=device)
     g = torch.Generator(device=device).manual_seed(args.seed)
-    comps.model.eval()
-    out = generate(comps.model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, generator=g, stop_id=tok.eos_id)
-    new = out[0, len(ids):].tolist()
-    if tok.eos_id in new:
-        new = new[: new.index(tok.eos_id) + 1]
-    print(tok.decode(new))
+    sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    if args.speculative:
+        drafter = objective.drafter(model)
+        if drafter is None:
+            raise ValueError(f"--speculative: objective {comps.cfg.objective.name!r} has no drafter")
+        res = speculative_decode(model, drafter, [prompt], args.max_new_tokens, gamma=args.gamma,
+                                 adaptive=args.adaptive, sampling=sampling, generator=g, stop_id=tok.eos_id)
+        st = res.stats
+        print(f"[speculative] {st.new_tokens} tokens in {st.forward_passes + 1} target passes, "
+              f"accepted/round {st.accepted_per_round:.2f}, tokens/pass {st.tokens_per_pass:.2f}", file=sys.stderr)
+    else:
+        res = decode(model, [prompt], args.max_new_tokens, sampling=sampling, generator=g, stop_id=tok.eos_id)
+    print(tok.decode(res.tokens[0]))
     return 0
 
 
@@ -70,6 +77,17 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     cfg = load_config(args.recipe, args.set)  # fail fast on a bad recipe before spawning anything
     out = Path(args.out or f"runs/{cfg.run_name}-sweep")
     run_sweep(args.recipe, args.seeds, args.set, out, jobs=args.jobs)
+    return 0
+
+
+def _cmd_bench_decode(args: argparse.Namespace) -> int:
+    from nextlat.bench import bench_decode
+
+    bench_decode(args.checkpoint, n_prompts=args.prompts, prompt_len=args.prompt_len,
+                 max_new_tokens=args.max_new_tokens, gammas=args.gammas, adaptive=args.adaptive,
+                 max_gamma=args.max_gamma, batch_size=args.batch_size, repeats=args.repeats,
+                 paper_protocol=not args.no_paper, temperature=args.temperature, device=args.device,
+                 json_out=args.json)
     return 0
 
 
@@ -110,19 +128,40 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--speculative", action="store_true", help="self-speculative decoding with the objective's drafter")
+    g.add_argument("--gamma", type=int, default=4, help="draft length (the cap when --adaptive is set)")
+    g.add_argument("--adaptive", type=float, default=None, metavar="THRESHOLD",
+                   help="stop drafting when the drafter's top probability falls below THRESHOLD")
     g.add_argument("--device", default="auto")
     g.set_defaults(func=_cmd_generate)
 
     b = sub.add_parser("bench-train", help="training step cost of objectives, side by side, as ratios to next-token")
     b.add_argument("recipe", nargs="?", default="bench-train", help="recipe fixing model size and batch")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    b.add_argument("--objectives", nargs="+", default=["next_token", "next_latent"])
+    b.add_argument("--objectives", nargs="+", default=["next_token", "next_latent", "mtp", "jtp", "bst"])
     b.add_argument("--horizons", nargs="+", type=int, default=[1, 2, 8])
     b.add_argument("--repeats", type=int, default=5, help="measurement rounds (objectives interleaved each round)")
     b.add_argument("--steps", type=int, default=5, help="timed steps per objective per round")
     b.add_argument("--warmup", type=int, default=2, help="untimed steps per objective before measuring")
     b.add_argument("--json", help="also write the results to this JSON file")
     b.set_defaults(func=_cmd_bench_train)
+
+    d = sub.add_parser("bench-decode", help="speculative vs ordinary decoding of a checkpoint, side by side")
+    d.add_argument("checkpoint", help="checkpoint folder or run folder (newest checkpoint)")
+    d.add_argument("--prompts", type=int, default=8, help="number of held-out prompts from the task")
+    d.add_argument("--prompt-len", type=int, default=64, help="prompt length in tokens (where the task allows)")
+    d.add_argument("--max-new-tokens", type=int, default=64)
+    d.add_argument("--gammas", nargs="+", type=int, default=[2, 3, 4, 5, 6, 8, 10], help="static draft lengths")
+    d.add_argument("--adaptive", nargs="*", type=float, default=[0.5],
+                   help="adaptive drafting thresholds on the drafter's top probability")
+    d.add_argument("--max-gamma", type=int, default=10, help="draft cap for adaptive drafting")
+    d.add_argument("--batch-size", type=int, default=1)
+    d.add_argument("--repeats", type=int, default=3)
+    d.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (outputs checked against the baseline)")
+    d.add_argument("--no-paper", action="store_true", help="skip the paper's no-cache protocol")
+    d.add_argument("--device", default="auto")
+    d.add_argument("--json", help="also write the results to this JSON file")
+    d.set_defaults(func=_cmd_bench_decode)
 
     s = sub.add_parser("sweep", help="train a recipe over several seeds and tabulate every seed's result")
     s.add_argument("recipe")

@@ -50,15 +50,19 @@ class ObjectiveConfig:
     """Training objective and its auxiliary terms (DESIGN.md sections 1 and 2)."""
 
     name: str = "next_token"
-    """Objective name: next_token | next_latent."""
+    """Objective name: next_token | next_latent | mtp | jtp | bst."""
     horizon: int = 1
-    """Rollout / prediction horizon d (next_latent: number of dynamics steps)."""
+    """Rollout / prediction horizon d (next_latent: dynamics steps; mtp: extra heads; jtp: future tokens)."""
     lambda_h: float = 1.0
     """next_latent: weight of the Smooth-L1 next-hidden-state loss."""
     lambda_kl: float = 1.0
     """next_latent: weight of the KL loss through the detached LM head."""
     proj_factor: float = 1.0
     """next_latent: dynamics MLP width H = 128 * round(proj_factor * 2D / 128)."""
+    lambda_future: float = 1.0
+    """mtp / jtp: weight lambda of the mean future-token loss (0 gives exactly next-token training)."""
+    bst_pair_fraction: float = 1.0
+    """bst: share of each sequence's valid (prefix, suffix) pairs scored per step (1 scores every pair once)."""
 
 
 @dataclass
@@ -241,6 +245,8 @@ def validate_config(cfg: Config) -> None:
         (o.horizon >= 1, "objective.horizon", o.horizon, "must be >= 1"),
         (o.lambda_h >= 0 and o.lambda_kl >= 0, "objective.lambda_h/lambda_kl", (o.lambda_h, o.lambda_kl), "must be >= 0"),
         (o.proj_factor > 0, "objective.proj_factor", o.proj_factor, "must be > 0"),
+        (o.lambda_future >= 0, "objective.lambda_future", o.lambda_future, "must be >= 0"),
+        (0 < o.bst_pair_fraction <= 1, "objective.bst_pair_fraction", o.bst_pair_fraction, "must be in (0, 1]"),
         (t.steps >= 1, "train.steps", t.steps, "must be >= 1"),
         (t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1"),
         (t.grad_accum >= 1 and t.batch_size % t.grad_accum == 0, "train.grad_accum", t.grad_accum,

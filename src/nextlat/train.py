@@ -68,10 +68,13 @@ class Components:
     objective: Objective
 
 
-def build(cfg: Config, device: torch.device | str = "cpu") -> Components:
-    """Build task, model and objective; fills ``model.vocab_size`` from the task's tokenizer."""
-    task = build_task(cfg.task)
-    vocab = task.tokenizer.vocab_size
+def build(cfg: Config, device: torch.device | str = "cpu", *, ckpt_dir: str | Path | None = None) -> Components:
+    """Build task, model and objective; fills ``model.vocab_size`` from the task's vocabulary.
+
+    ``ckpt_dir``: build the task of that checkpoint (its stored tokenizer rather than one rebuilt from data).
+    """
+    task = build_task(cfg.task, ckpt_dir)
+    vocab = task.vocab_size
     if cfg.model.vocab_size == 0:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
     elif cfg.model.vocab_size < vocab:
@@ -87,7 +90,7 @@ def load_components(path: str | Path, device: torch.device | str = "cpu") -> tup
     from nextlat.checkpoint import resolve_checkpoint
 
     ckpt = read_checkpoint(resolve_checkpoint(path))
-    comps = build(ckpt.cfg, device)
+    comps = build(ckpt.cfg, device, ckpt_dir=ckpt.path)
     load_weights(ckpt, comps.model, comps.objective)
     return comps, ckpt.meta
 
@@ -121,7 +124,7 @@ class Trainer:
         self.out = Path(out_dir) if out_dir is not None else cfg.output_dir
         self.start_step = 0
         resume_from = self._check_out_dir(cfg, resume)
-        comps = build(cfg, self.device)
+        comps = build(cfg, self.device, ckpt_dir=resume_from)  # a resumed run keeps its checkpoint's tokenizer
         self.cfg, self.task, self.model, self.objective = comps.cfg, comps.task, comps.model, comps.objective
         self.modules = {"model": self.model, "objective": self.objective}
         self.optimizer = build_optimizer(self.modules, t)
@@ -172,7 +175,7 @@ class Trainer:
     def save(self, step: int, metrics: dict[str, Any]) -> Path:
         path = save_checkpoint(self.out / "checkpoints" / f"step_{step:07d}", cfg=self.cfg, model=self.model,
                                objective=self.objective, step=step, metrics=metrics, optimizer=self.optimizer,
-                               param_names=self.param_names)
+                               param_names=self.param_names, artifacts=self.task.artifacts())
         kept = list_checkpoints(self.out)[: -self.cfg.train.keep_checkpoints]
         for old in kept:
             shutil.rmtree(old, ignore_errors=True)

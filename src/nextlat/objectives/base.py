@@ -10,12 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nextlat.config import ObjectiveConfig
-from nextlat.data import IGNORE, Batch
+from nextlat.data import IGNORE, Batch, transition_mask
 from nextlat.model import Transformer
 
 
@@ -57,8 +56,25 @@ def mean_parts(sums: dict[str, float], counts: dict[str, Tensor | int]) -> dict[
     return {k: sum(v) / len(v) for k, v in groups.items()}
 
 
+def ce_term(logits: Tensor, targets: Tensor, weight: float = 1.0) -> LossTerm:
+    """Cross-entropy of (..., V) logits against (...) targets, summed over the targets that are not IGNORE."""
+    ce = F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    return LossTerm(ce, (targets != IGNORE).sum(), weight)
+
+
+def future_targets(batch: Batch, k: int) -> Tensor:
+    """Targets k positions ahead, (B, T) -> (B, T - k): ``targets[:, t + k]`` at t, IGNORE where t and t + k
+    are not in one real document (so a future-token head never scores across a boundary or into padding)."""
+    B, T = batch.targets.shape
+    keep = transition_mask(batch.doc_ids, (B, T), k, batch.targets.device)
+    return batch.targets[:, k:].masked_fill(~keep, IGNORE)
+
+
 class Objective(nn.Module):
     """Base class: ``forward(model, batch) -> LossOutput``; ``counts(batch)`` needs no model."""
+
+    uses_horizon = True
+    """Whether ``objective.horizon`` changes what the objective computes (benchmarks sweep it only then)."""
 
     def __init__(self, cfg: ObjectiveConfig, model: Transformer):
         super().__init__()
@@ -70,14 +86,11 @@ class Objective(nn.Module):
 
     def token_loss(self, logits: Tensor, batch: Batch) -> LossTerm:
         """Summed next-token cross-entropy over positions whose target is not IGNORE."""
-        ce = F.cross_entropy(
-            logits.flatten(0, 1).float(), batch.targets.flatten(), ignore_index=IGNORE, reduction="sum"
-        )
-        return LossTerm(ce, (batch.targets != IGNORE).sum(), 1.0)
+        return ce_term(logits, batch.targets)
 
     def forward(self, model: Transformer, batch: Batch) -> LossOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    @torch.no_grad()
-    def count_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+    def drafter(self, model: Transformer):
+        """A speculative-decoding drafter built from this objective's parameters, or None."""
+        return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -34,9 +35,27 @@ class Task:
     def __init__(self, cfg: TaskConfig):
         self.cfg = cfg
 
+    @classmethod
+    def from_checkpoint(cls, cfg: TaskConfig, ckpt_dir: str | Path) -> Task:
+        """The task of a saved model.
+
+        Tasks whose vocabulary depends on data (a trained tokenizer) read it back from the files that
+        :meth:`artifacts` stored in ``ckpt_dir``, so a checkpoint works without the data it was trained on.
+        """
+        return cls(cfg)
+
     @property
     def tokenizer(self) -> Tokenizer:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids the model must cover; a task may know it without building its tokenizer (or data)."""
+        return self.tokenizer.vocab_size
+
+    def artifacts(self) -> dict[str, bytes]:
+        """Files (name -> content) to store in every checkpoint, e.g. a trained tokenizer; none by default."""
+        return {}
 
     def train_data(self) -> Dataset:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -45,3 +64,7 @@ class Task:
     def evaluate(self, model, objective=None, *, device: str | torch.device = "cpu", seed: int = 0,
                  max_examples: int | None = None) -> dict[str, float]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def prompts(self, n: int, length: int | None = None, seed: int = 0) -> list[Tensor]:
+        """``n`` held-out prompts (1-D token-id tensors) for decoding benchmarks."""
+        raise NotImplementedError(f"task {self.cfg.name!r} provides no decoding prompts")

@@ -189,13 +189,19 @@ class PathStarTask(Task):
         self._ensure()
         return self._test
 
+    def prompts(self, n: int, length: int | None = None, seed: int = 0) -> list[Tensor]:
+        """Prompts (edge list, source, goal, '=') of the first ``n`` test graphs; ``length`` is fixed by the graph size."""
+        data = self.test_data()
+        return list(data.seqs[:n, : data.prompt_len])
+
     @torch.no_grad()
     def evaluate(self, model, objective=None, *, device="cpu", seed: int = 0,
                  max_examples: int | None = None) -> dict[str, float]:
         """Exact-path accuracy (greedy and sampled at temperature 1) and teacher-forced accuracy per path position.
 
         ``pos_acc_k`` is the accuracy of the k-th answer node given the true prefix (k = 1 is the
-        source, copied from the prompt; k = 2 is the first real branch decision).
+        source, copied from the prompt; k = 2 is the first real branch decision). An objective with
+        its own ``generate`` (BST) decodes towards the goal instead (:meth:`_goal_conditioned`).
         """
         data = self.test_data()
         n = min(len(data), max_examples or self.cfg.eval_examples)
@@ -203,15 +209,21 @@ class PathStarTask(Task):
         was_training = model.training
         model.eval()
         g = torch.Generator(device=device).manual_seed(seed)
+        conditioned = getattr(objective, "generate", None) is not None
         greedy_ok, sampled_ok, pos_ok = [], [], []
         for start in range(0, n, self.EVAL_CHUNK):  # chunks bound the memory of large test sets
             seqs = data.seqs[start : min(n, start + self.EVAL_CHUNK)].to(device)
             prompt, answer = seqs[:, :P], seqs[:, P : P + L]
-            greedy_ok.append((generate(model, prompt, L)[:, P:] == answer).all(-1))
-            sampled = generate(model, prompt, L, temperature=1.0, generator=g)[:, P:]
+            if conditioned:
+                greedy, sampled, teacher = self._goal_conditioned(objective, model, seqs, g)
+            else:
+                greedy = generate(model, prompt, L)[:, P:]
+                sampled = generate(model, prompt, L, temperature=1.0, generator=g)[:, P:]
+                h, _ = model(seqs[:, : P + L - 1])
+                teacher = model.logits(h[:, P - 1 :]).argmax(-1)  # answer tokens 1..L, true prefix
+            greedy_ok.append((greedy == answer).all(-1))
             sampled_ok.append((sampled == answer).all(-1))
-            h, _ = model(seqs[:, : P + L - 1])
-            pos_ok.append(model.logits(h[:, P - 1 :]).argmax(-1) == answer)  # answer tokens 1..L, true prefix
+            pos_ok.append(teacher == answer)
         out = {"acc_greedy": torch.cat(greedy_ok).float().mean().item(),
                "acc_sampled": torch.cat(sampled_ok).float().mean().item()}
         per_pos = torch.cat(pos_ok).float().mean(0)
@@ -219,3 +231,19 @@ class PathStarTask(Task):
             out[f"pos_acc_{k + 1}"] = per_pos[k].item()
         model.train(was_training)
         return out
+
+    def _goal_conditioned(self, objective, model, seqs: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        """Greedy, sampled and teacher-forced answers (B, L) of an objective that decodes towards a known suffix.
+
+        The suffix is the answer's known end, the goal (given in the prompt) and EOS, so the model
+        fills in the L - 1 nodes before the goal with ``objective.generate`` and scores the true
+        prefixes with ``objective.next_logits``; the goal itself is given (pos_acc_L is 1).
+        """
+        P, L = self._test.prompt_len, self._test.path_len
+        prompt = seqs[:, :P]
+        goal = prompt[:, P - 2 : P - 1]  # the prompt ends '/ source goal ='
+        suffix = torch.cat([goal, torch.full_like(goal, self._tok.eos_id)], dim=1)
+        greedy = objective.generate(model, prompt, L - 1, suffix=suffix)[:, P:]
+        sampled = objective.generate(model, prompt, L - 1, suffix=suffix, temperature=1.0, generator=g)[:, P:]
+        teacher = objective.next_logits(model, seqs[:, : P + L - 2], suffix)[:, P - 1 :].argmax(-1)
+        return tuple(torch.cat([x, goal], dim=1) for x in (greedy, sampled, teacher))

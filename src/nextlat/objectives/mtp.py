@@ -1,0 +1,70 @@
+"""MTP baseline: multi-token prediction with independent heads (Gloeckle et al., arXiv 2404.19737).
+
+A shared trunk (the backbone's first n_layer - 1 blocks) feeds d + 1 heads, each one transformer
+block plus its own final norm, all sharing the LM head; head k predicts the token k + 1 steps ahead.
+Head 0 *is* the backbone's last block and final norm, so a model trained with MTP is still a plain
+backbone for export and ordinary decoding; heads 1..d belong to the objective (DESIGN.md section 2).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from nextlat.config import ObjectiveConfig
+from nextlat.data import IGNORE, Batch
+from nextlat.model import Block, LayerContext, RMSNorm, Transformer, init_weights
+from nextlat.objectives.base import LossOutput, Objective, ce_term, future_targets
+
+
+class MultiTokenPrediction(Objective):
+    """Loss = CE_0 + lambda_future * mean(CE_1..d).
+
+    Head k at position t is scored against ``targets[:, t + k]`` (the target k positions further
+    along), masked where the chain t -> t + k leaves its document and wherever that target is
+    IGNORE (prompts, padding). Terms ``ce`` (head 0) and ``mtp@k`` (weight lambda_future / d).
+    """
+
+    def __init__(self, cfg: ObjectiveConfig, model: Transformer):
+        super().__init__(cfg, model)
+        mc = model.cfg
+        self.heads = nn.ModuleList(Block(mc) for _ in range(cfg.horizon))
+        self.norms = nn.ModuleList(RMSNorm(mc.d_model, mc.norm_eps) for _ in range(cfg.horizon))
+        init_weights(self, mc.init_std)
+
+    def _steps(self, T: int) -> range:
+        """Heads with at least one target inside a length-T sequence (k < T)."""
+        return range(1, min(self.cfg.horizon, T - 1) + 1) if self.cfg.lambda_future > 0 else range(0)
+
+    def counts(self, batch: Batch) -> dict[str, Tensor]:
+        out = super().counts(batch)
+        for k in self._steps(batch.input_ids.shape[1]):
+            out[f"mtp@{k}"] = (future_targets(batch, k) != IGNORE).sum()
+        return out
+
+    def head_state(self, model: Transformer, x: Tensor, ctx: LayerContext, k: int) -> Tensor:
+        """Normalised output (B, T, D) of head k on the trunk's residual stream x (B, T, D)."""
+        if k == 0:
+            n = model.cfg.n_layer
+            return model.norm(model.layers[n - 1](x, ctx, n - 1))
+        return self.norms[k - 1](self.heads[k - 1](x, ctx))
+
+    def forward(self, model: Transformer, batch: Batch) -> LossOutput:
+        x, _, ctx = model.forward_layers(batch.input_ids, batch.doc_ids, n_layers=model.cfg.n_layer - 1)  # (B, T, D)
+        # Head 0 repeats exactly the backbone's last block and norm: with lambda_future = 0 this is next-token training.
+        terms = {"ce": self.token_loss(model.logits(self.head_state(model, x, ctx, 0)), batch)}
+        T, d = x.shape[1], self.cfg.horizon
+        for k in self._steps(T):
+            h = self.head_state(model, x, ctx, k)[:, : T - k]  # (B, T - k, D); later positions have no target
+            terms[f"mtp@{k}"] = ce_term(model.logits(h), future_targets(batch, k), self.cfg.lambda_future / d)
+        return LossOutput(terms)
+
+    def head_logits(self, model: Transformer, x: Tensor, ctx: LayerContext) -> list[Tensor]:
+        """Logits (B, V) of heads 0..d at the last position; head k predicts the token k + 1 steps ahead.
+
+        x (B, T, D) is the trunk output for the whole sequence and ctx its layer context, e.g. from
+        ``model.forward_layers(ids, n_layers=model.cfg.n_layer - 1)``. Heads 1..d keep no KV cache,
+        so a context carrying one is refused.
+        """
+        if ctx.cache is not None:
+            raise ValueError("MTP heads 1..d keep no KV cache: pass the trunk output of the whole sequence")
+        return [model.logits(self.head_state(model, x, ctx, k)[:, -1]) for k in range(self.cfg.horizon + 1)]

@@ -1,0 +1,60 @@
+"""The benchmark commands run end to end on tiny models and report consistent tables (no timing asserts)."""
+
+from __future__ import annotations
+
+import json
+
+from nextlat.cli import main
+
+
+def test_bench_train_reports_every_variant_against_next_token(run_config, tmp_path, capsys):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(run_config().to_yaml())
+    out = tmp_path / "bench.json"
+    assert main(["bench-train", str(recipe), "--objectives", "next_token", "next_latent", "--horizons", "1", "2",
+                 "--repeats", "2", "--steps", "1", "--warmup", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["objective"], r["horizon"]) for r in rows] == [("next_token", None), ("next_latent", 1), ("next_latent", 2)]
+    assert rows[0]["ratio_median"] == 1.0
+    assert all(r["step_s_median"] > 0 and r["ratio_min"] <= r["ratio_median"] <= r["ratio_max"] for r in rows)
+    assert rows[1]["params_objective"] > 0 and rows[0]["params_objective"] == 0
+    assert "x next-token" in capsys.readouterr().out
+
+
+def test_bench_decode_and_speculative_generate(run_config, tmp_path, capsys):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(run_config(**{"train.steps": 30, "train.lr": 3e-3, "train.log_every": 10}).to_yaml())
+    run = tmp_path / "run"
+    assert main(["train", str(recipe), "--out", str(run)]) == 0
+    capsys.readouterr()
+
+    out = tmp_path / "decode.json"
+    assert main(["bench-decode", str(run), "--prompts", "3", "--max-new-tokens", "6", "--gammas", "2", "3",
+                 "--adaptive", "0.5", "--repeats", "2", "--device", "cpu", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["protocols"]) == {"kv-cache", "paper (no cache)"}
+    for rows in report["protocols"].values():
+        assert [r["setting"] for r in rows] == ["baseline", "gamma=2", "gamma=3", "adaptive<0.5"]
+        assert all(r["identical_to_baseline"] for r in rows)  # greedy speculative decoding is lossless
+        assert all(r["new_tokens"] == rows[0]["new_tokens"] for r in rows)
+        assert all(1.0 <= r["tokens_per_pass"] <= 4.0 for r in rows[1:3])
+    assert "speedup" in capsys.readouterr().out
+
+    prompt = "1 2 | 2 3 | 1 4 | 4 5 | / 1 3 ="
+    assert main(["generate", str(run), "--prompt", prompt, "--max-new-tokens", "5", "--device", "cpu"]) == 0
+    plain = capsys.readouterr().out
+    assert main(["generate", str(run), "--prompt", prompt, "--max-new-tokens", "5", "--device", "cpu",
+                 "--speculative", "--gamma", "3"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == plain
+    assert "accepted/round" in captured.err
+
+
+def test_bench_decode_needs_a_drafter(run_config, tmp_path, capsys):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(run_config(**{"objective.name": "next_token", "train.steps": 1}).to_yaml())
+    run = tmp_path / "run"
+    assert main(["train", str(recipe), "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["bench-decode", str(run), "--device", "cpu"]) == 2
+    assert "no drafter" in capsys.readouterr().err
