@@ -94,3 +94,19 @@ class Objective(nn.Module):
     def drafter(self, model: Transformer):
         """A speculative-decoding drafter built from this objective's parameters, or None."""
         return None
+
+
+class FutureTokenObjective(Objective):
+    """Shared by objectives that add d future-token cross-entropies (terms ``<prefix>@k``, k = 1..d)."""
+
+    term_prefix = "future"
+
+    def future_steps(self, T: int) -> range:
+        """Future offsets k with at least one target inside a length-T sequence (k < T); none when lambda is 0."""
+        return range(1, min(self.cfg.horizon, T - 1) + 1) if self.cfg.lambda_future > 0 else range(0)
+
+    def counts(self, batch: Batch) -> dict[str, Tensor]:
+        out = super().counts(batch)
+        for k in self.future_steps(batch.input_ids.shape[1]):
+            out[f"{self.term_prefix}@{k}"] = (future_targets(batch, k) != IGNORE).sum()
+        return out

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nextlat.config import ObjectiveConfig
-from nextlat.data import IGNORE, Batch
+from nextlat.data import Batch
 from nextlat.model import RMSNorm, Transformer, init_weights
-from nextlat.objectives.base import LossOutput, Objective, ce_term, future_targets
+from nextlat.objectives.base import FutureTokenObjective, LossOutput, ce_term, future_targets
 
 
 class Fetch(nn.Module):
@@ -50,7 +50,7 @@ class Fetch(nn.Module):
         return self.norm(h[:, None] + y)  # h_t added back, then the final norm
 
 
-class JointTokenPrediction(Objective):
+class JointTokenPrediction(FutureTokenObjective):
     """Loss = CE + lambda_future * mean over j = 1..d of CE(output j, x_{t+j+1}).
 
     h_t is the backbone's final-norm hidden state; the fetch module runs over all (B, T) positions
@@ -59,25 +59,17 @@ class JointTokenPrediction(Objective):
     target is IGNORE. Terms ``ce`` and ``jtp@j`` (weight lambda_future / d).
     """
 
+    term_prefix = "jtp"
+
     def __init__(self, cfg: ObjectiveConfig, model: Transformer):
         super().__init__(cfg, model)
         mc = model.cfg
         self.fetch = Fetch(mc.d_model, mc.n_head, cfg.horizon, mc.init_std, mc.norm_eps)
 
-    def _steps(self, T: int) -> range:
-        """Future tokens with at least one target inside a length-T sequence (j < T)."""
-        return range(1, min(self.cfg.horizon, T - 1) + 1) if self.cfg.lambda_future > 0 else range(0)
-
-    def counts(self, batch: Batch) -> dict[str, Tensor]:
-        out = super().counts(batch)
-        for j in self._steps(batch.input_ids.shape[1]):
-            out[f"jtp@{j}"] = (future_targets(batch, j) != IGNORE).sum()
-        return out
-
     def forward(self, model: Transformer, batch: Batch) -> LossOutput:
         h, emb = model(batch.input_ids, batch.doc_ids)  # (B, T, D) each
         terms = {"ce": self.token_loss(model.logits(h), batch)}
-        steps = self._steps(h.shape[1])
+        steps = self.future_steps(h.shape[1])
         if not steps:
             return LossOutput(terms)  # exactly the next-token loss
         B, T, D = h.shape

@@ -11,12 +11,12 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from nextlat.config import ObjectiveConfig
-from nextlat.data import IGNORE, Batch
+from nextlat.data import Batch
 from nextlat.model import Block, LayerContext, RMSNorm, Transformer, init_weights
-from nextlat.objectives.base import LossOutput, Objective, ce_term, future_targets
+from nextlat.objectives.base import FutureTokenObjective, LossOutput, ce_term, future_targets
 
 
-class MultiTokenPrediction(Objective):
+class MultiTokenPrediction(FutureTokenObjective):
     """Loss = CE_0 + lambda_future * mean(CE_1..d).
 
     Head k at position t is scored against ``targets[:, t + k]`` (the target k positions further
@@ -24,22 +24,14 @@ class MultiTokenPrediction(Objective):
     IGNORE (prompts, padding). Terms ``ce`` (head 0) and ``mtp@k`` (weight lambda_future / d).
     """
 
+    term_prefix = "mtp"
+
     def __init__(self, cfg: ObjectiveConfig, model: Transformer):
         super().__init__(cfg, model)
         mc = model.cfg
         self.heads = nn.ModuleList(Block(mc) for _ in range(cfg.horizon))
         self.norms = nn.ModuleList(RMSNorm(mc.d_model, mc.norm_eps) for _ in range(cfg.horizon))
         init_weights(self, mc.init_std)
-
-    def _steps(self, T: int) -> range:
-        """Heads with at least one target inside a length-T sequence (k < T)."""
-        return range(1, min(self.cfg.horizon, T - 1) + 1) if self.cfg.lambda_future > 0 else range(0)
-
-    def counts(self, batch: Batch) -> dict[str, Tensor]:
-        out = super().counts(batch)
-        for k in self._steps(batch.input_ids.shape[1]):
-            out[f"mtp@{k}"] = (future_targets(batch, k) != IGNORE).sum()
-        return out
 
     def head_state(self, model: Transformer, x: Tensor, ctx: LayerContext, k: int) -> Tensor:
         """Normalised output (B, T, D) of head k on the trunk's residual stream x (B, T, D)."""
@@ -53,7 +45,7 @@ class MultiTokenPrediction(Objective):
         # Head 0 repeats exactly the backbone's last block and norm: with lambda_future = 0 this is next-token training.
         terms = {"ce": self.token_loss(model.logits(self.head_state(model, x, ctx, 0)), batch)}
         T, d = x.shape[1], self.cfg.horizon
-        for k in self._steps(T):
+        for k in self.future_steps(T):
             h = self.head_state(model, x, ctx, k)[:, : T - k]  # (B, T - k, D); later positions have no target
             terms[f"mtp@{k}"] = ce_term(model.logits(h), future_targets(batch, k), self.cfg.lambda_future / d)
         return LossOutput(terms)
