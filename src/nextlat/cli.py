@@ -54,9 +54,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         st = res.stats
         print(f"[speculative] {st.new_tokens} tokens in {st.forward_passes + 1} target passes, "
               f"accepted/round {st.accepted_per_round:.2f}, tokens/pass {st.tokens_per_pass:.2f}", file=sys.stderr)
+        new = res.tokens[0]
+    elif getattr(objective, "generate", None) is not None:  # e.g. BST decodes through its own heads
+        out = objective.generate(model, prompt[None], args.max_new_tokens, temperature=args.temperature,
+                                 top_k=args.top_k, top_p=args.top_p, generator=g)[0, len(ids):].tolist()
+        new = out[: out.index(tok.eos_id) + 1] if tok.eos_id in out else out
     else:
-        res = decode(model, [prompt], args.max_new_tokens, sampling=sampling, generator=g, stop_id=tok.eos_id)
-    print(tok.decode(res.tokens[0]))
+        new = decode(model, [prompt], args.max_new_tokens, sampling=sampling, generator=g, stop_id=tok.eos_id).tokens[0]
+    print(tok.decode(new))
     return 0
 
 
