@@ -122,7 +122,7 @@ def _time(fn, device: torch.device, *args, **kwargs):
 def bench_decode(checkpoint: str, *, n_prompts: int = 8, prompt_len: int = 64, max_new_tokens: int = 64,
                  gammas: list[int] = (2, 3, 4, 5, 6, 8, 10), adaptive: list[float] = (0.5,), max_gamma: int = 10,
                  batch_size: int = 1, repeats: int = 3, paper_protocol: bool = True, temperature: float = 0.0,
-                 device: str = "auto", json_out: str | None = None) -> dict:
+                 stop_at_eos: bool = True, device: str = "auto", json_out: str | None = None) -> dict:
     """Speculative vs ordinary decoding of one checkpoint, side by side in one process.
 
     For each protocol (KV-cached; and the paper's recompute-everything protocol) and each repeat,
@@ -140,7 +140,7 @@ def bench_decode(checkpoint: str, *, n_prompts: int = 8, prompt_len: int = 64, m
     if drafter is None:
         raise ValueError(f"objective {comps.cfg.objective.name!r} of {checkpoint} has no drafter for speculative decoding")
     prompts = comps.task.prompts(n_prompts, prompt_len, seed=0)
-    eos = comps.task.tokenizer.eos_id
+    eos = comps.task.tokenizer.eos_id if stop_at_eos else None
     sampling = Sampling(temperature=temperature)
     settings = [("baseline", None, None)] + [(f"gamma={g}", g, None) for g in gammas] + \
                [(f"adaptive<{a}", max_gamma, a) for a in adaptive]
@@ -165,7 +165,7 @@ def bench_decode(checkpoint: str, *, n_prompts: int = 8, prompt_len: int = 64, m
     report = {"checkpoint": str(checkpoint), "step": meta["step"], "device": str(dev),
               "threads": torch.get_num_threads(), "prompts": len(prompts), "prompt_len": [len(p) for p in prompts],
               "max_new_tokens": max_new_tokens, "batch_size": batch_size, "repeats": repeats,
-              "temperature": temperature, "protocols": {}}
+              "temperature": temperature, "stop_at_eos": stop_at_eos, "protocols": {}}
     with torch.no_grad():
         run(settings[0], True, 0)  # warm-up
         for pname, use_cache in protocols:

@@ -91,7 +91,8 @@ def _cmd_bench_decode(args: argparse.Namespace) -> int:
     bench_decode(args.checkpoint, n_prompts=args.prompts, prompt_len=args.prompt_len,
                  max_new_tokens=args.max_new_tokens, gammas=args.gammas, adaptive=args.adaptive,
                  max_gamma=args.max_gamma, batch_size=args.batch_size, repeats=args.repeats,
-                 paper_protocol=not args.no_paper, temperature=args.temperature, device=args.device,
+                 paper_protocol=not args.no_paper, temperature=args.temperature,
+                 stop_at_eos=not args.ignore_eos, device=args.device,
                  json_out=args.json)
     return 0
 
@@ -164,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--repeats", type=int, default=3)
     d.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (outputs checked against the baseline)")
     d.add_argument("--no-paper", action="store_true", help="skip the paper's no-cache protocol")
+    d.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens (do not stop at EOS)")
     d.add_argument("--device", default="auto")
     d.add_argument("--json", help="also write the results to this JSON file")
     d.set_defaults(func=_cmd_bench_decode)
