@@ -232,10 +232,7 @@ def optimizer_step(model: Transformer, objective: Objective, optimizer: torch.op
     """One optimizer step on ``batch`` split into ``t.grad_accum`` micro-batches; returns loss metrics."""
     micro = batch.split(t.grad_accum)
     # Counts over the whole step, so every term is an exact mean over its valid elements.
-    counts: dict[str, torch.Tensor] = {}
-    for mb in micro:
-        for k, v in objective.counts(mb).items():
-            counts[k] = counts.get(k, 0) + v
+    counts = objective.total_counts(micro)
     sums: dict[str, float] = {}
     total = 0.0
     for mb in micro:

@@ -84,6 +84,14 @@ class Objective(nn.Module):
         """Valid-element counts of every term, from the masks alone (for exact accumulation)."""
         return {"ce": (batch.targets != IGNORE).sum()}
 
+    def total_counts(self, batches: list[Batch]) -> dict[str, Tensor]:
+        """Counts summed over the micro-batches of one optimizer step: the denominators of its exact means."""
+        total: dict[str, Tensor] = {}
+        for batch in batches:
+            for k, v in self.counts(batch).items():
+                total[k] = total.get(k, 0) + v
+        return total
+
     def token_loss(self, logits: Tensor, batch: Batch) -> LossTerm:
         """Summed next-token cross-entropy over positions whose target is not IGNORE."""
         return ce_term(logits, batch.targets)
