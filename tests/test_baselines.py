@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from nextlat.checkpoint import save_checkpoint
 from nextlat.config import ConfigError
 from nextlat.data import IGNORE, Batch
-from nextlat.model import LayerContext
+from nextlat.engine import CachedTarget
 from nextlat.objectives import OBJECTIVES, BeliefState, JointTokenPrediction, MultiTokenPrediction
 from nextlat.train import Trainer, build, load_components
 
@@ -122,20 +122,27 @@ def test_mtp_head_zero_is_the_backbone_and_heads_share_lm_head(make_model, make_
     assert model.layers[-1].mlp.up_proj.weight.grad is None
 
 
-def test_mtp_head_logits_for_drafting(make_model, make_objective, vocab):
+def test_mtp_drafter_reads_the_heads_through_its_own_cache(make_model, make_objective, vocab):
+    """The drafter's cached head logits, run incrementally like a decoder, equal the heads run on whole sequences."""
     model = make_model()
     obj = make_objective(model, name="mtp", horizon=2)
-    ids = torch.randint(0, vocab, (3, 7))
+    drafter = obj.drafter(model)
+    assert drafter.max_draft == 2 and drafter.trunk_layers == model.cfg.n_layer - 1
+    ids = torch.randint(0, vocab, (3, 9))
+    target = CachedTarget(model, list(ids[:, :5]), 16, drafter)
+    steps = [target.run(ids[:, 5:7]), target.run(ids[:, 7:9])]  # two runs: positions 5-6, then 7-8
+    target.keep(torch.tensor([2, 1, 0]))  # rows keep different numbers of the second run's tokens
     x, _, ctx = model.forward_layers(ids, n_layers=model.cfg.n_layer - 1)
-    logits = obj.head_logits(model, x, ctx)
-    assert len(logits) == 3 and all(t.shape == (3, vocab) for t in logits)
-    h, _ = model(ids)
-    assert torch.equal(logits[0], model.logits(h[:, -1]))  # head 0: the backbone's own next token
     for k in (1, 2):
-        torch.testing.assert_close(logits[k], model.logits(obj.head_state(model, x, ctx, k)[:, -1]))
-    cached = LayerContext(ctx.cos, ctx.sin, ctx.mask, model.new_cache(3, 16))
-    with pytest.raises(ValueError, match="KV cache"):
-        obj.head_logits(model, x, cached)
+        full = model.logits(obj.head_state(model, x, ctx, k))  # (B, T, V)
+        torch.testing.assert_close(drafter.logits[:, :, k - 1], full[:, 7:9], atol=1e-5, rtol=1e-5)
+        state = drafter.begin(None, torch.tensor([1, 0, 1]))  # positions 8, 7, 8 of the last run
+        for _ in range(k):
+            logits, state = drafter.propose(state, None)
+        torch.testing.assert_close(logits, full[torch.arange(3), torch.tensor([8, 7, 8])], atol=1e-5, rtol=1e-5)
+    h, _ = model(ids)
+    torch.testing.assert_close(steps[1], h[:, 7:9], atol=1e-5, rtol=1e-5)  # head 0 is the backbone itself
+    assert target.cache.lengths.tolist() == drafter.cache.lengths.tolist() == [9, 8, 7]
 
 
 def test_jtp_matches_loop_reference(make_model, make_objective, packed_batch):

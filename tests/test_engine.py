@@ -24,6 +24,15 @@ def tiny(seed: int, vocab: int = 40, std: float = 0.02, layers: int = 2) -> tupl
     return model, NextLatDrafter(model, objective.dynamics)
 
 
+def tiny_mtp(seed: int, vocab: int = 40, std: float = 0.3, layers: int = 2, horizon: int = 3):
+    """A random model with MTP heads 1..horizon and their drafter."""
+    torch.manual_seed(seed)
+    model = Transformer(ModelConfig(vocab_size=vocab, n_layer=layers, n_head=2, d_model=32, max_seq_len=160,
+                                    init_std=std)).eval()
+    objective = build_objective(ObjectiveConfig(name="mtp", horizon=horizon), model).eval()
+    return model, objective.drafter(model)
+
+
 def random_prompts(n: int, vocab: int, seed: int) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab, (int(torch.randint(1, 15, (1,), generator=g)),), generator=g) for _ in range(n)]
@@ -118,6 +127,35 @@ def test_speculative_greedy_is_token_identical_on_random_models(seed):
         assert got.tokens == ref, (gamma, adaptive)
         single = speculative_decode(model, drafter, prompts[:1], 30, gamma=gamma, adaptive=adaptive, stop_id=stop)
         assert single.tokens == ref[:1], (gamma, adaptive)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_mtp_drafter_speculative_greedy_is_token_identical(use_cache):
+    """MTP heads draft at most d tokens per round (a larger gamma is capped); the output is plain greedy's."""
+    for seed in range(3):
+        model, drafter = tiny_mtp(seed, std=0.3 if seed else 0.02)
+        prompts = random_prompts(5, 40, seed=200 + seed)
+        stop = 5 if seed == 2 else None
+        ref = reference(model, prompts, 30, stop_id=stop)
+        for gamma, adaptive in [(1, None), (3, None), (8, None), (3, 0.5)]:
+            got = speculative_decode(model, drafter, prompts, 30, gamma=gamma, adaptive=adaptive, stop_id=stop,
+                                     use_cache=use_cache)
+            assert got.tokens == ref, (seed, gamma, adaptive)
+            assert len(got.stats.position_tries) == min(gamma, 3)
+            single = speculative_decode(model, drafter, prompts[:1], 30, gamma=gamma, stop_id=stop, use_cache=use_cache)
+            assert single.tokens == ref[:1]
+
+
+def test_mtp_drafter_drafts_are_all_accepted_when_heads_agree_with_the_target():
+    """Zeroed final norms make every logit 0 under the backbone and under every head (argmax: token 0), so
+    each round accepts all d drafts and emits d + 1 tokens per verify pass."""
+    model, drafter = tiny_mtp(3, horizon=2)
+    with torch.no_grad():
+        for norm in [model.norm, *drafter.norms]:
+            norm.weight.zero_()
+    got = speculative_decode(model, drafter, [torch.tensor([1, 2, 3])], 21, gamma=5)
+    assert got.tokens == [[0] * 21]
+    assert got.stats.accepted_per_round == 2.0 and got.stats.forward_passes == 7
 
 
 def test_speculative_greedy_on_a_trained_nextlat_model(tmp_path):
@@ -229,6 +267,16 @@ def test_speculative_sampling_matches_plain_sampling(sampling):
         plain += decode(model, [prompt] * 2000, 3, sampling=sampling, generator=g).tokens
     stat_plain, df_plain = chi_square(plain, expected)
     assert stat_plain < chi2_critical(df_plain), (stat_plain, df_plain)
+
+
+def test_mtp_speculative_sampling_matches_plain_sampling():
+    """Drafts from heads that never see the pending token still give the plain sampling distribution."""
+    model, drafter = tiny_mtp(8, vocab=5, std=0.5, layers=2, horizon=2)
+    prompt, sampling = torch.tensor([1, 3, 0]), Sampling(temperature=1.0)
+    expected = exact_distribution(model, prompt, 3, sampling)
+    samples = sampled_runs(model, drafter, prompt, 3, sampling, total=16000, gamma=2)
+    stat, df = chi_square(samples, expected)
+    assert stat < chi2_critical(df), (stat, df)
 
 
 def test_broken_acceptance_rule_is_detected(monkeypatch):

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from nextlat.decoding import process_logits
-from nextlat.model import Transformer
+from nextlat.model import KVCache, LayerContext, Transformer
 
 
 @dataclass(frozen=True)
@@ -62,36 +62,95 @@ class Sampling:
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1), probs
 
 
-class Drafter(Protocol):
-    """Proposes draft tokens after a verified position.
+class Drafter:
+    """Proposes draft tokens after a verified position (base class; the hooks default to no-ops).
 
-    ``begin`` receives the exact final hidden state of the last verified position (B, D);
-    ``propose`` takes the drafter state and the latest token (pending or drafted) and returns
-    logits (B, V) for the token after it plus the new state. ``max_draft`` caps the draft length
-    (None: no cap, e.g. NextLat can roll past its training horizon).
+    ``begin`` receives the exact final hidden state of the last verified position (B, D) and that
+    position's index (B,) within the target's latest run (0 after the prefill); ``propose`` takes
+    the drafter state and the latest token (pending or drafted) and returns logits (B, V) for the
+    token after it plus the new state. ``max_draft`` caps the draft length (None: no cap, e.g.
+    NextLat can roll past its training horizon).
+
+    A drafter that reads the target's intermediate states (MTP heads continue from the trunk) sets
+    ``trunk_layers``: the target then calls ``start`` once, ``observe`` with the residual stream
+    after that many blocks on every run, and ``rollback`` whenever it forgets rejected positions.
     """
 
-    max_draft: int | None
+    max_draft: int | None = None
+    trunk_layers: int | None = None
 
-    def begin(self, h_last: Tensor) -> Any: ...
+    def start(self, batch: int, max_len: int, cached: bool) -> None:
+        """A new decoding call of ``batch`` rows up to ``max_len`` tokens, with or without a KV cache."""
 
-    def propose(self, state: Any, token: Tensor) -> tuple[Tensor, Any]: ...
+    def observe(self, x: Tensor, ctx: LayerContext, select: Tensor) -> None:
+        """Trunk output x (B, T, D) of the target's latest run; ``select`` (B, K) are the positions of x
+        that ``begin``'s index refers to (the run's new tokens)."""
+
+    def rollback(self, lengths: Tensor) -> None:
+        """The target keeps only the first ``lengths`` (B,) positions of each row."""
+
+    def begin(self, h_last: Tensor, index: Tensor) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def propose(self, state: Any, token: Tensor) -> tuple[Tensor, Any]:  # pragma: no cover - abstract
+        raise NotImplementedError
 
 
-class NextLatDrafter:
+class NextLatDrafter(Drafter):
     """Drafts with the latent dynamics: h^ <- p_psi(h^, E(x)), x <- head(h^)."""
-
-    max_draft = None
 
     def __init__(self, model: Transformer, dynamics: torch.nn.Module):
         self.model, self.dynamics = model, dynamics
 
-    def begin(self, h_last: Tensor) -> Tensor:
+    def begin(self, h_last: Tensor, index: Tensor) -> Tensor:
         return h_last
 
     def propose(self, state: Tensor, token: Tensor) -> tuple[Tensor, Tensor]:
         h = self.dynamics(state, self.model.embed_tokens(token))  # (B, D)
         return self.model.logits(h), h
+
+
+class MTPDrafter(Drafter):
+    """Fixed-horizon drafts from multi-token heads (Gloeckle et al., arXiv 2404.19737).
+
+    At the last verified position, head k predicts the token k + 1 steps ahead. Head 0 is the
+    backbone's own last block, so the pending token is the target's choice, and heads 1..d give
+    drafts 1..d at once, computed during the verify pass that produced that position; they do not
+    look at the pending token. Heads 1..d are transformer blocks over the trunk's residual stream,
+    so with a KV cache they keep one of their own, written and rolled back with the target's.
+    """
+
+    def __init__(self, model: Transformer, heads: torch.nn.ModuleList, norms: torch.nn.ModuleList):
+        self.model, self.heads, self.norms = model, heads, norms
+        self.max_draft = len(heads)
+        self.trunk_layers = model.cfg.n_layer - 1
+        self.cache: KVCache | None = None
+        self.logits: Tensor | None = None  # (B, K, d, V): head logits at the latest run's selected positions
+
+    def start(self, batch: int, max_len: int, cached: bool) -> None:
+        c, w = self.model.cfg, self.model.lm_head.weight
+        self.cache = KVCache(self.max_draft, batch, c.n_head, max_len, c.d_model // c.n_head, w.device,
+                             w.dtype) if cached else None
+
+    def observe(self, x: Tensor, ctx: LayerContext, select: Tensor) -> None:
+        hctx = ctx if self.cache is None else LayerContext(ctx.cos, ctx.sin, ctx.mask, self.cache)
+        idx = select[..., None].expand(-1, -1, x.shape[-1])  # (B, K, D)
+        out = [self.model.logits(norm(head(x, hctx, k)).gather(1, idx))  # (B, K, V) each
+               for k, (head, norm) in enumerate(zip(self.heads, self.norms))]
+        if self.cache is not None:
+            self.cache.lengths += x.shape[1]
+        self.logits = torch.stack(out, 2)
+
+    def rollback(self, lengths: Tensor) -> None:
+        if self.cache is not None:
+            self.cache.rollback(lengths)
+
+    def begin(self, h_last: Tensor, index: Tensor) -> tuple[Tensor, int]:
+        return self.logits[torch.arange(len(index), device=index.device), index], 0  # (B, d, V), next head
+
+    def propose(self, state: tuple[Tensor, int], token: Tensor) -> tuple[Tensor, tuple[Tensor, int]]:
+        logits, j = state
+        return logits[:, j], (logits, j + 1)
 
 
 @dataclass
@@ -160,30 +219,47 @@ def _pad(rows: list[Tensor], width: int, device: torch.device) -> Tensor:
     return ids
 
 
+def _run(model: Transformer, ids: Tensor, cache: KVCache | None, drafter: Drafter | None, select: Tensor) -> Tensor:
+    """Final hidden states (B, T, D) of ``ids``; a drafter with ``trunk_layers`` observes the trunk on the way."""
+    if drafter is None or drafter.trunk_layers is None:
+        return model(ids, cache=cache)[0]
+    x, _, ctx = model.forward_layers(ids, cache=cache, n_layers=drafter.trunk_layers)
+    drafter.observe(x, ctx, select)
+    return model.norm(model.continue_layers(x, ctx, drafter.trunk_layers))
+
+
 class CachedTarget:
     """The target model behind a KV cache: each call runs only the new tokens."""
 
-    def __init__(self, model: Transformer, prompts: list[Tensor], max_len: int):
+    def __init__(self, model: Transformer, prompts: list[Tensor], max_len: int, drafter: Drafter | None = None):
         device = model.lm_head.weight.device
-        self.model = model
+        self.model, self.drafter = model, drafter
         lengths = torch.tensor([len(r) for r in prompts], device=device)
         if int(lengths.max()) > max_len:
             raise ValueError(f"prompt of {int(lengths.max())} tokens does not fit max_len={max_len}")
         self.cache = model.new_cache(len(prompts), max_len)
+        if drafter is not None:
+            drafter.start(len(prompts), max_len, cached=True)
         # Right-padded prompts: the padding is written but lies past each row's length, so it is
         # masked out and later overwritten.
-        h, _ = model(_pad(prompts, int(lengths.max()), device), cache=self.cache)  # (B, T, D)
-        self.cache.rollback(lengths)
+        h = _run(model, _pad(prompts, int(lengths.max()), device), self.cache, drafter, (lengths - 1)[:, None])
+        self._rollback(lengths)
         self.h_last = h[torch.arange(len(prompts), device=device), lengths - 1]  # (B, D)
+
+    def _rollback(self, lengths: Tensor) -> None:
+        self.cache.rollback(lengths)
+        if self.drafter is not None:
+            self.drafter.rollback(lengths)
 
     def run(self, tokens: Tensor) -> Tensor:
         """Append (B, K) tokens after each row's prefix; return their hidden states (B, K, D)."""
         self.start = self.cache.lengths.clone()
-        return self.model(tokens, cache=self.cache)[0]
+        B, K = tokens.shape
+        return _run(self.model, tokens, self.cache, self.drafter, torch.arange(K, device=tokens.device).expand(B, K))
 
     def keep(self, n: Tensor) -> None:
         """Keep the first n (B,) of the tokens of the last run; forget the rest."""
-        self.cache.rollback(self.start + n)
+        self._rollback(self.start + n)
 
 
 class RecomputeTarget:
@@ -193,27 +269,30 @@ class RecomputeTarget:
     for side-by-side comparison; right padding is harmless because attention is causal.
     """
 
-    def __init__(self, model: Transformer, prompts: list[Tensor], max_len: int):
+    def __init__(self, model: Transformer, prompts: list[Tensor], max_len: int, drafter: Drafter | None = None):
         device = model.lm_head.weight.device
-        self.model = model
+        self.model, self.drafter = model, drafter
         self.lengths = torch.tensor([len(r) for r in prompts], device=device)
         self.ids = _pad(prompts, max_len, device)  # (B, max_len)
-        h, _ = model(self.ids[:, : int(self.lengths.max())])
+        if drafter is not None:
+            drafter.start(len(prompts), max_len, cached=False)
+        h = _run(model, self.ids[:, : int(self.lengths.max())], None, drafter, (self.lengths - 1)[:, None])
         self.h_last = h[torch.arange(len(prompts), device=device), self.lengths - 1]
 
     def run(self, tokens: Tensor) -> Tensor:
         B, K = tokens.shape
         pos = self.lengths[:, None] + torch.arange(K, device=tokens.device)  # (B, K)
         self.ids.scatter_(1, pos, tokens)
-        h, _ = self.model(self.ids[:, : int(pos.max()) + 1])
+        h = _run(self.model, self.ids[:, : int(pos.max()) + 1], None, self.drafter, pos)
         return h.gather(1, pos[..., None].expand(B, K, h.shape[-1]))
 
     def keep(self, n: Tensor) -> None:
         self.lengths = self.lengths + n
 
 
-def _target(model: Transformer, prompts: list[Tensor], max_len: int, use_cache: bool) -> CachedTarget | RecomputeTarget:
-    return (CachedTarget if use_cache else RecomputeTarget)(model, prompts, max_len)
+def _target(model: Transformer, prompts: list[Tensor], max_len: int, use_cache: bool,
+            drafter: Drafter | None = None) -> CachedTarget | RecomputeTarget:
+    return (CachedTarget if use_cache else RecomputeTarget)(model, prompts, max_len, drafter)
 
 
 def _check_budget(model: Transformer, prompts: list[Tensor], max_new_tokens: int, extra: int) -> int:
@@ -296,8 +375,8 @@ def speculative_decode(model: Transformer, drafter: Drafter, prompts: Tensor | l
     t0 = time.perf_counter()
     # Room for a round's drafts past the last emitted token, twice: a row that finishes mid-round keeps
     # its accepted drafts and is still run (its output ignored) through later rounds.
-    target = _target(model, rows, _check_budget(model, rows, max_new_tokens, 2 * (gamma + 1)), use_cache)
-    h_last = target.h_last
+    target = _target(model, rows, _check_budget(model, rows, max_new_tokens, 2 * (gamma + 1)), use_cache, drafter)
+    h_last, last_index = target.h_last, torch.zeros(B, dtype=torch.long, device=device)
     pending, _ = sampling.choose(model.logits(h_last), generator)  # (B,), exact: from the target itself
     _sync(device)
     stats.prefill_time_s = time.perf_counter() - t0
@@ -310,7 +389,7 @@ def speculative_decode(model: Transformer, drafter: Drafter, prompts: Tensor | l
         # ---- draft: K tokens after the pending one
         _sync(device)
         t0 = time.perf_counter()
-        state = drafter.begin(h_last)
+        state = drafter.begin(h_last, last_index)
         token = pending
         drafts, q_probs, row_len = [], [], torch.full((B,), gamma, dtype=torch.long, device=device)
         for j in range(gamma):
@@ -365,7 +444,7 @@ def speculative_decode(model: Transformer, drafter: Drafter, prompts: Tensor | l
             new_pending = torch.multinomial(residual / residual.sum(-1, keepdim=True), 1, generator=generator)[:, 0]
         # Keep pending + accepted drafts; finished rows stay where they are so their cache never grows.
         target.keep(torch.where(active.to(device), 1 + n_acc, torch.zeros_like(n_acc)))
-        h_last = h[arange_b, n_acc]
+        h_last, last_index = h[arange_b, n_acc], n_acc
         _sync(device)
         stats.verify_time_s += time.perf_counter() - t1
 

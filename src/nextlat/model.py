@@ -229,16 +229,24 @@ class Transformer(nn.Module):
         """Embed and run the first ``n_layers`` blocks (all by default); no final norm.
 
         Returns (x, emb, ctx): the residual stream (B, T, D), the embeddings (B, T, D) and the
-        layer context, so that extra blocks (e.g. multi-token heads) can continue from x.
+        layer context, so that extra blocks (e.g. multi-token heads) can continue from x, and
+        :meth:`continue_layers` can finish the backbone. A cache advances once the last block has run.
         """
         ctx = self.context(input_ids, doc_ids, position_ids, cache)
         emb = self.embed(input_ids)
-        x = emb
-        for i, layer in enumerate(self.layers[:n_layers]):
-            x = layer(x, ctx, i)
-        if cache is not None:
-            cache.lengths += input_ids.shape[1]
-        return x, emb, ctx
+        return self.continue_layers(emb, ctx, 0, n_layers), emb, ctx
+
+    def continue_layers(self, x: Tensor, ctx: LayerContext, start: int, end: int | None = None) -> Tensor:
+        """Run blocks ``start .. end - 1`` (to the last by default) on the residual stream x (B, T, D).
+
+        The cache of ``ctx`` (if any) advances by T once the last block has written its keys.
+        """
+        end = len(self.layers) if end is None else end
+        for i in range(start, end):
+            x = self.layers[i](x, ctx, i)
+        if ctx.cache is not None and end == len(self.layers):
+            ctx.cache.lengths += x.shape[1]
+        return x
 
     def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         """An empty KV cache for ``batch`` rows of up to ``max_len`` tokens (default model.max_seq_len)."""

@@ -50,13 +50,8 @@ class MultiTokenPrediction(FutureTokenObjective):
             terms[f"mtp@{k}"] = ce_term(model.logits(h), future_targets(batch, k), self.cfg.lambda_future / d)
         return LossOutput(terms)
 
-    def head_logits(self, model: Transformer, x: Tensor, ctx: LayerContext) -> list[Tensor]:
-        """Logits (B, V) of heads 0..d at the last position; head k predicts the token k + 1 steps ahead.
+    def drafter(self, model: Transformer):
+        """Fixed-horizon speculative drafts from heads 1..d (:class:`nextlat.engine.MTPDrafter`)."""
+        from nextlat.engine import MTPDrafter  # local: the engine is optional for training
 
-        x (B, T, D) is the trunk output for the whole sequence and ctx its layer context, e.g. from
-        ``model.forward_layers(ids, n_layers=model.cfg.n_layer - 1)``. Heads 1..d keep no KV cache,
-        so a context carrying one is refused.
-        """
-        if ctx.cache is not None:
-            raise ValueError("MTP heads 1..d keep no KV cache: pass the trunk output of the whole sequence")
-        return [model.logits(self.head_state(model, x, ctx, k)[:, -1]) for k in range(self.cfg.horizon + 1)]
+        return MTPDrafter(model, self.heads, self.norms)
