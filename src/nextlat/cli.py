@@ -85,6 +85,23 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_experiment(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from nextlat.experiment import report, run_experiment
+
+    if args.seeds < 1:
+        raise ValueError(f"--seeds {args.seeds}: must be >= 1")
+    seeds = list(range(args.seeds))
+    out = Path(args.out or f"runs/experiments/{args.name}-{args.scale}")
+    if args.report:
+        report(args.name, args.scale, seeds, out)
+    else:
+        run_experiment(args.name, scale=args.scale, seeds=seeds, parallel=args.jobs, out=out, overrides=args.set)
+    print(f"[experiment] table: {out / 'results.md'}", file=sys.stderr)
+    return 0
+
+
 def _cmd_bench_decode(args: argparse.Namespace) -> int:
     from nextlat.bench import bench_decode
 
@@ -177,6 +194,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--jobs", type=int, default=1, help="seeds trained at once (CPU threads are split among them)")
     s.add_argument("--out", help="sweep folder (default runs/<run_name>-sweep)")
     s.set_defaults(func=_cmd_sweep)
+
+    x = sub.add_parser("experiment", help="train every objective of a paper experiment over seeds; write table and plots")
+    x.add_argument("name", help="pathstar, countdown or a5")
+    x.add_argument("--scale", default="cpu", choices=["cpu", "paper"], help="recipe scale (paper needs GPUs)")
+    x.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1) per objective")
+    x.add_argument("--jobs", type=int, default=1, help="runs trained at once (CPU threads are split among them)")
+    x.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override applied to every run")
+    x.add_argument("--out", help="experiment folder (default runs/experiments/<name>-<scale>)")
+    x.add_argument("--report", action="store_true", help="only rewrite the table and figures from finished runs")
+    x.set_defaults(func=_cmd_experiment)
 
     r = sub.add_parser("recipes", help="list the shipped recipes")
     r.set_defaults(func=_cmd_recipes)

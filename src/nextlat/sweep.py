@@ -1,7 +1,9 @@
-"""Run one recipe over several seeds and tabulate the per-seed results.
+"""Run recipes over several seeds, several at a time, and tabulate every seed's result.
 
-Each seed trains in its own process (``nextlat train --resume``) under ``<out>/seed_<k>``, so an
-interrupted sweep picks up where it stopped and finished seeds are skipped. The summary lists
+Each run trains in its own process (``nextlat train --resume``) in its own folder, so an
+interrupted sweep or experiment picks up where it stopped and finished runs are skipped. A sweep
+is one recipe over seeds (``<out>/seed_<k>``); an experiment (:mod:`nextlat.experiment`) queues
+the runs of all its arms at once so that no core idles while another arm finishes. Summaries list
 every seed's final evaluation (never only the best) plus mean and standard deviation.
 """
 
@@ -13,63 +15,98 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 
-def run_sweep(recipe: str, seeds: list[int], overrides: list[str], out: Path, jobs: int = 1) -> dict[str, Any]:
-    out.mkdir(parents=True, exist_ok=True)
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    pending = [s for s in seeds if not (out / f"seed_{s}" / "results.json").is_file()]
-    running: list[tuple[int, subprocess.Popen, Any]] = []
-    failed: list[int] = []
+@dataclass(frozen=True)
+class Job:
+    """One training run: ``nextlat train <recipe> --set <overrides> --set train.seed=<seed>`` into ``run_dir``."""
+
+    run_dir: Path
+    recipe: str
+    seed: int
+    overrides: tuple[str, ...] = ()
+
+    @property
+    def done(self) -> bool:
+        return (self.run_dir / "results.json").is_file()
+
+
+def run_jobs(jobs: list[Job], parallel: int = 1) -> list[Job]:
+    """Train the unfinished ``jobs``, ``parallel`` at a time (CPU threads split among them); returns the failed ones.
+
+    Output of each run goes to ``<run_dir>/train.log``. Runs resume from their newest checkpoint.
+    """
+    if parallel < 1:
+        raise ValueError(f"parallel={parallel}: must be >= 1")
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+    pending = [j for j in jobs if not j.done]
+    running: list[tuple[Job, subprocess.Popen, Any]] = []
+    failed: list[Job] = []
     while pending or running:
-        while pending and len(running) < jobs:
-            seed = pending.pop(0)
-            run_dir = out / f"seed_{seed}"
-            run_dir.mkdir(parents=True, exist_ok=True)
-            cmd = [sys.executable, "-m", "nextlat.cli", "train", recipe, "--resume", "--out", str(run_dir),
-                   *sum((["--set", o] for o in overrides), []),
-                   "--set", f"train.seed={seed}", "--set", f"train.threads={threads}", "--set", "train.progress=false"]
-            log = open(run_dir / "train.log", "a")
-            print(f"[sweep] seed {seed}: {' '.join(cmd[3:])} (log {run_dir / 'train.log'})", flush=True)
-            running.append((seed, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
-        time.sleep(2)
+        while pending and len(running) < parallel:
+            job = pending.pop(0)
+            job.run_dir.mkdir(parents=True, exist_ok=True)
+            cmd = [sys.executable, "-m", "nextlat.cli", "train", job.recipe, "--resume", "--out", str(job.run_dir),
+                   *sum((["--set", o] for o in job.overrides), []),
+                   "--set", f"train.seed={job.seed}", "--set", f"train.threads={threads}", "--set", "train.progress=false"]
+            log = open(job.run_dir / "train.log", "a")
+            print(f"[runs] start {job.run_dir}: {' '.join(cmd[3:])}", flush=True)
+            running.append((job, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
+        time.sleep(1)
         for item in list(running):
-            seed, proc, log = item
+            job, proc, log = item
             if proc.poll() is not None:
                 log.close()
                 running.remove(item)
                 if proc.returncode != 0:
-                    failed.append(seed)
-                    print(f"[sweep] seed {seed} failed (exit {proc.returncode}); see {out / f'seed_{seed}' / 'train.log'}")
+                    failed.append(job)
+                    print(f"[runs] FAILED {job.run_dir} (exit {proc.returncode}); see {job.run_dir / 'train.log'}",
+                          flush=True)
                 else:
-                    print(f"[sweep] seed {seed} done", flush=True)
+                    print(f"[runs] done {job.run_dir}", flush=True)
+    return failed
+
+
+def run_sweep(recipe: str, seeds: list[int], overrides: list[str], out: Path, jobs: int = 1) -> dict[str, Any]:
+    """Train ``recipe`` once per seed into ``<out>/seed_<k>`` and write ``summary.{json,md}``."""
+    out.mkdir(parents=True, exist_ok=True)
+    failed = run_jobs([Job(out / f"seed_{s}", recipe, s, tuple(overrides)) for s in seeds], jobs)
     summary = summarize(out, seeds)
     if failed:
-        raise RuntimeError(f"seeds {failed} failed; the summary covers the others")
+        raise RuntimeError(f"seeds {[j.seed for j in failed]} failed; the summary covers the others")
     return summary
 
 
-def summarize(out: Path, seeds: list[int]) -> dict[str, Any]:
-    """Collect ``results.json`` of every finished seed into summary.json and summary.md."""
+def seed_results(out: Path, seeds: list[int]) -> dict[int, dict[str, float]]:
+    """Final evaluation of every finished seed under ``out`` (``seed_<k>/results.json``)."""
     per_seed = {}
     for s in seeds:
         f = out / f"seed_{s}" / "results.json"
         if f.is_file():
             per_seed[s] = json.loads(f.read_text())["eval"]
+    return per_seed
+
+
+def stats_of(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values), "n": len(values)}
+
+
+def summarize(out: Path, seeds: list[int]) -> dict[str, Any]:
+    """Collect ``results.json`` of every finished seed into summary.json and summary.md."""
+    per_seed = seed_results(out, seeds)
     keys = sorted({k for m in per_seed.values() for k in m})
-    stats = {}
-    for k in keys:
-        vals = [m[k] for m in per_seed.values() if k in m]
-        stats[k] = {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
-                    "min": min(vals), "max": max(vals), "n": len(vals)}
+    stats = {k: stats_of([m[k] for m in per_seed.values() if k in m]) for k in keys}
     summary = {"out": str(out), "per_seed": per_seed, "stats": stats}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     lines = ["| seed | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for s, m in per_seed.items():
         lines.append(f"| {s} | " + " | ".join(f"{m.get(k, float('nan')):.3f}" for k in keys) + " |")
-    lines.append("| mean ± std | " + " | ".join(f"{stats[k]['mean']:.3f} ± {stats[k]['std']:.3f}" for k in keys) + " |")
+    if per_seed:
+        lines.append("| mean ± std | " + " | ".join(f"{stats[k]['mean']:.3f} ± {stats[k]['std']:.3f}" for k in keys) + " |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return summary

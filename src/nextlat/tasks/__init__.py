@@ -5,11 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from nextlat.config import TaskConfig
+from nextlat.tasks.a5 import A5Task
 from nextlat.tasks.base import Task
+from nextlat.tasks.countdown import CountdownTask
 from nextlat.tasks.pathstar import PathStarTask
 from nextlat.tasks.text import TextTask
 
 TASKS: dict[str, type[Task]] = {
+    "a5": A5Task,
+    "countdown": CountdownTask,
     "pathstar": PathStarTask,
     "text": TextTask,
 }

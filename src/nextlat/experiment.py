@@ -1,0 +1,245 @@
+"""Experiments: every objective the paper compares on one task, over seeds, as one resumable command.
+
+An experiment is a list of *arms* (a recipe plus overrides, e.g. MTP at d = 4), a list of metrics
+read from each run's final evaluation, the paper's numbers for the same rows, and optional figures.
+``run_experiment`` queues every (arm, seed) run at once (:func:`nextlat.sweep.run_jobs`), skips
+finished runs and resumes interrupted ones, then writes ``results.md`` and ``results.json`` (every
+seed's value, mean and standard deviation, the paper's value) and the figures into the
+experiment folder. ``report`` redoes the table and figures from whatever runs have finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nextlat.config import ConfigError, load_config
+from nextlat.sweep import Job, run_jobs, seed_results, stats_of
+
+
+@dataclass(frozen=True)
+class Arm:
+    label: str
+    """Row label in the result table, e.g. 'NextLat d=4'."""
+    slug: str
+    """Folder of the arm's runs inside the experiment folder."""
+    recipe: str
+    overrides: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    """Key of the task's evaluation in ``results.json``."""
+    label: str
+    """Column label."""
+    percent: bool = True
+    """Shown multiplied by 100 (the value is a fraction)."""
+
+
+@dataclass
+class Experiment:
+    name: str
+    arms: Callable[[str], list[Arm]]
+    """Arms at a scale ('cpu' or 'paper')."""
+    metrics: list[Metric]
+    paper: dict[str, dict[str, float]] = field(default_factory=dict)
+    """The paper's values: arm label -> metric label -> value (as printed in the paper)."""
+    paper_note: str = ""
+    figures: Callable[[Experiment, Path, list[Arm], list[int]], dict[str, Any]] | None = None
+    """Draws the figures into the folder; returns extra results for results.json (e.g. curves)."""
+
+
+SCALES = ("cpu", "paper")
+
+
+def _objective_arms(task: str, scale: str, horizons: dict[str, list[int]]) -> list[Arm]:
+    """Arms ``<task>-<scale>-<objective>`` for each objective, one per horizon where it has one."""
+    labels = {"next_token": "GPT", "next_latent": "NextLat", "mtp": "MTP", "jtp": "JTP", "bst": "BST"}
+    arms = []
+    for obj, hs in horizons.items():
+        recipe = f"{task}-{scale}-{obj.replace('_', '-')}"
+        if not hs:
+            arms.append(Arm(labels[obj], obj.replace("_", "-"), recipe))
+        for d in hs:
+            arms.append(Arm(f"{labels[obj]} d={d}", f"{obj.replace('_', '-')}-d{d}", recipe, (f"objective.horizon={d}",)))
+    return arms
+
+
+def _pathstar_arms(scale: str) -> list[Arm]:
+    # Folders named after the recipes, so `nextlat sweep <recipe> --out <exp>/<recipe>` runs are reused.
+    return [Arm(label, f"pathstar-{scale}-{obj}", f"pathstar-{scale}-{obj}")
+            for label, obj in [("GPT", "next-token"), ("MTP", "mtp"), ("JTP", "jtp"), ("BST", "bst"),
+                               ("NextLat", "next-latent")]]
+
+
+def _countdown_arms(scale: str) -> list[Arm]:
+    return _objective_arms("countdown", scale, {"next_token": [], "bst": [], "mtp": [1, 4, 8], "jtp": [1, 4, 8],
+                                                "next_latent": [1, 4, 8]})
+
+
+def _a5_arms(scale: str) -> list[Arm]:
+    return [Arm("GPT (trained on 12)", "next-token", f"a5-{scale}-next-token"),
+            Arm("GPT (trained on 36)", "next-token-len36", f"a5-{scale}-next-token-len36"),
+            Arm("NextLat d=1", "next-latent", f"a5-{scale}-next-latent")]
+
+
+def _a5_figures(exp: Experiment, out: Path, arms: list[Arm], seeds: list[int]) -> dict[str, Any]:
+    """Accuracy by position on the longest test words, per arm (and the NextLat dynamics run as an RNN)."""
+    import torch
+
+    from nextlat.plots import plot_curves
+    from nextlat.tasks.a5 import rnn_accuracy_by_position, transformer_accuracy_by_position
+    from nextlat.train import load_components
+
+    per_label: dict[str, list[list[float]]] = {}
+    for arm in arms:
+        for s in seeds:
+            run = out / arm.slug / f"seed_{s}"
+            if not (run / "results.json").is_file():
+                continue
+            comps, _ = load_components(run, "cpu")
+            model, objective = comps.model.eval(), comps.objective.eval()
+            L = max(comps.task.cfg.eval_lengths)
+            data = comps.task.test_data(L)
+            batch = data.get(torch.arange(min(len(data), comps.task.cfg.eval_examples)))
+            if L <= model.cfg.max_seq_len:
+                acc = transformer_accuracy_by_position(model, batch.input_ids, batch.targets)
+                per_label.setdefault(arm.label, []).append(acc.tolist())
+            dynamics = getattr(objective, "dynamics", None)
+            if dynamics is not None:
+                with torch.no_grad():
+                    acc = rnn_accuracy_by_position(model, dynamics, batch.input_ids, batch.targets)
+                per_label.setdefault(f"{arm.label}, dynamics as RNN", []).append(acc.tolist())
+    curves = {}
+    for label, runs in per_label.items():
+        t = torch.tensor(runs)  # (seeds, L)
+        curves[label] = {"x": list(range(1, t.shape[1] + 1)), "mean": t.mean(0).tolist(),
+                         "std": (t.std(0) if len(runs) > 1 else torch.zeros(t.shape[1])).tolist(), "n": len(runs)}
+    if curves:
+        plot_curves(curves, out / "a5_accuracy_vs_length.png", xlabel="position t (sequence length)",
+                    ylabel="accuracy of the state s_t", title="A5 state tracking (mean ± std over seeds)")
+    return {"curves": curves}
+
+
+EXPERIMENTS: dict[str, Experiment] = {
+    "pathstar": Experiment(
+        "pathstar", _pathstar_arms,
+        [Metric("acc_greedy", "exact path, greedy %"), Metric("acc_sampled", "exact path, sampled %")],
+        paper={"GPT": {"G(2,10)": 49.4, "G(5,5)": 18.6}, "MTP": {"G(2,10)": 66.2, "G(5,5)": 21.2},
+               "JTP": {"G(2,10)": 69.5, "G(5,5)": 47.3}, "BST": {"G(2,10)": 98.9, "G(5,5)": 99.9},
+               "NextLat": {"G(2,10)": 97.1, "G(5,5)": 99.8}},
+        paper_note="Paper: exact-path accuracy (%, sampled at temperature 1) on larger graphs; our graph is the recipe's.",
+    ),
+    "countdown": Experiment(
+        "countdown", _countdown_arms,
+        [Metric("solved_id", "solved, in-distribution %"), Metric("solved_ood", "solved, held-out targets %"),
+         Metric("final_eq_valid_id", "final equation valid %")],
+        paper={"GPT": {"solved %": 33.1}, "BST": {"solved %": 42.3},
+               **{f"MTP d={d}": {"solved %": v} for d, v in zip((1, 4, 8), (39.2, 49.7, 57.3))},
+               **{f"JTP d={d}": {"solved %": v} for d, v in zip((1, 4, 8), (39.0, 49.4, 55.0))},
+               **{f"NextLat d={d}": {"solved %": v} for d, v in zip((1, 4, 8), (54.8, 57.6, 58.7))}},
+        paper_note="Paper: % of 10k test problems solved, 12x768 models trained 100k steps x 1024.",
+    ),
+    "a5": Experiment(
+        "a5", _a5_arms,
+        [Metric("acc@12", "acc, length 12 %"), Metric("acc@36", "acc, length 36 %"),
+         Metric("acc_last@36", "last position, length 36 %"), Metric("rnn_acc@36", "RNN acc, length 36 %"),
+         Metric("rnn_acc_last@36", "RNN last position, length 36 %"), Metric("rnn_acc@100", "RNN acc, length 100 %")],
+        paper_note="Paper: the NextLat dynamics model run as an RNN stays above 95% at length 36 after training "
+                   "on 12; transformers (even one trained on 36) fail.",
+        figures=_a5_figures,
+    ),
+}
+
+
+def get_experiment(name: str) -> Experiment:
+    if name not in EXPERIMENTS:
+        raise ConfigError(f"unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)}")
+    return EXPERIMENTS[name]
+
+
+def plan(name: str, scale: str, seeds: list[int], out: Path, overrides: list[str] = ()) -> list[Job]:
+    """The runs of an experiment, seed-major (every arm's first seed comes before any second seed)."""
+    if scale not in SCALES:
+        raise ConfigError(f"--scale {scale!r}: choose from {', '.join(SCALES)}")
+    arms = get_experiment(name).arms(scale)
+    for arm in arms:  # fail fast on a bad recipe or override before anything trains
+        load_config(arm.recipe, [*arm.overrides, *overrides])
+    return [Job(out / arm.slug / f"seed_{s}", arm.recipe, s, (*arm.overrides, *overrides)) for s in seeds for arm in arms]
+
+
+def run_experiment(name: str, *, scale: str = "cpu", seeds: list[int] = (0, 1, 2), parallel: int = 1,
+                   out: Path | None = None, overrides: list[str] = ()) -> dict[str, Any]:
+    out = Path(out or f"runs/experiments/{name}-{scale}")
+    jobs = plan(name, scale, list(seeds), out, overrides)
+    out.mkdir(parents=True, exist_ok=True)
+    failed = run_jobs(jobs, parallel)
+    result = report(name, scale, list(seeds), out)
+    if failed:
+        raise RuntimeError(f"{len(failed)} run(s) failed ({', '.join(str(j.run_dir) for j in failed)}); "
+                           f"the table covers the others")
+    return result
+
+
+def _fmt(v: float, percent: bool) -> str:
+    return f"{100 * v:.1f}" if percent else f"{v:.3f}"
+
+
+def report(name: str, scale: str, seeds: list[int], out: Path) -> dict[str, Any]:
+    """Write ``results.md`` / ``results.json`` (and figures) from the finished runs under ``out``."""
+    exp = get_experiment(name)
+    arms = exp.arms(scale)
+    rows = []
+    for arm in arms:
+        per_seed = seed_results(out / arm.slug, seeds)
+        row = {"label": arm.label, "recipe": arm.recipe, "overrides": list(arm.overrides),
+               "seeds": sorted(per_seed), "metrics": {}, "paper": exp.paper.get(arm.label, {})}
+        for m in exp.metrics:
+            vals = [per_seed[s][m.key] for s in sorted(per_seed) if m.key in per_seed[s]]
+            if vals:
+                row["metrics"][m.key] = {"per_seed": vals, **stats_of(vals)}
+        rows.append(row)
+    result: dict[str, Any] = {"experiment": name, "scale": scale, "seeds": seeds, "rows": rows,
+                              "paper_note": exp.paper_note}
+    if any(r["metrics"] for r in rows):
+        from nextlat.plots import plot_bars
+
+        first = exp.metrics[0]
+        plot_bars(rows, first.key, first.label, out / f"{name}.png", title=f"{name} ({scale} scale)",
+                  percent=first.percent)
+    if exp.figures is not None:
+        result.update(exp.figures(exp, out, arms, seeds))
+
+    paper_cols = sorted({c for r in rows for c in r["paper"]})
+    head = ["objective", "seeds", *[m.label for m in exp.metrics], *[f"paper {c}" for c in paper_cols]]
+    lines = [f"# {name} ({scale} scale)", "",
+             "Each cell: mean ± std over seeds, then every seed's value in brackets.", "",
+             "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for r in rows:
+        cells = [r["label"], str(len(r["seeds"]))]
+        for m in exp.metrics:
+            s = r["metrics"].get(m.key)
+            if s is None:
+                cells.append("–")
+            else:
+                vals = ", ".join(_fmt(v, m.percent) for v in s["per_seed"])
+                cells.append(f"{_fmt(s['mean'], m.percent)} ± {_fmt(s['std'], m.percent)} [{vals}]")
+        cells += [f"{r['paper'][c]:g}" if c in r["paper"] else "–" for c in paper_cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    if exp.paper_note:
+        lines += ["", exp.paper_note]
+    _atomic_write(out / "results.md", "\n".join(lines) + "\n")
+    _atomic_write(out / "results.json", json.dumps(result, indent=2) + "\n")
+    print("\n".join(lines))
+    return result
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

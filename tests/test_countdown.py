@@ -1,0 +1,328 @@
+"""Countdown task: solver, scorer, held-out targets, tokenizer, loss masks, evaluation and a short training run."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+
+import pytest
+import torch
+
+from nextlat.config import ConfigError, config_from_dict
+from nextlat.data import IGNORE
+from nextlat.tasks.countdown import (
+    ANSWER_TOKENS,
+    MAX_VALUE,
+    PROMPT_TOKENS,
+    CountdownConfig,
+    CountdownTask,
+    CountdownTokenizer,
+    _search,
+    format_equations,
+    generate_problems,
+    score,
+    score_rows,
+    solvable,
+    solve,
+    split_targets,
+)
+from nextlat.train import Trainer, build
+
+SMALL = dict(num_train=400, num_test=60, eval_examples=8)
+
+
+def _tiny_run(**overrides) -> dict:
+    run = {
+        "run_name": "tiny-countdown",
+        "model": {"n_layer": 2, "n_head": 2, "d_model": 32, "max_seq_len": 64},
+        "objective": {"name": "next_latent", "horizon": 2, "lambda_h": 2.0, "lambda_kl": 1.0},
+        "task": {"name": "countdown", "num_train": 64, "num_test": 8, "eval_examples": 4},
+        "train": {"steps": 3, "batch_size": 8, "lr": 1e-3, "log_every": 1, "progress": False, "device": "cpu",
+                  "precision": "fp32", "seed": 0},
+    }
+    for key, value in overrides.items():
+        *path, last = key.split(".")
+        node = run
+        for part in path:
+            node = node[part]
+        node[last] = value
+    return run
+
+
+@pytest.fixture(scope="module")
+def small_task() -> CountdownTask:
+    return CountdownTask(CountdownConfig(**SMALL))
+
+
+# ----------------------------------------------------------------------------- solver
+
+
+def test_every_generated_problem_has_a_valid_solution(small_task):
+    problems = small_task.problems()
+    for split, ps in problems.items():
+        for p in ps:
+            assert len(p.numbers) == 4 and all(1 <= v <= 99 for v in p.numbers) and 10 <= p.target <= 100
+            assert len(p.solution) == 3 and p.solution[-1][3] == p.target
+            assert solve(p.numbers, p.target) == p.solution, split  # deterministic solver
+            text = format_equations(p.solution)
+            assert score(p.numbers, p.target, text).solved, (p, text)
+            ids = small_task.tokenizer.encode(text)
+            assert len(ids) == ANSWER_TOKENS and score(p.numbers, p.target, ids) == score(p.numbers, p.target, text)
+
+
+@pytest.mark.parametrize("lo, hi, t_lo, t_hi", [(1, 99, 10, 100), (0, 9, 0, 40), (0, 3, 0, 12), (1, 99, 0, MAX_VALUE)])
+def test_vectorised_screen_agrees_with_the_search(lo, hi, t_lo, t_hi):
+    rng = random.Random(lo * 7 + hi)
+    cands = [(tuple(rng.randint(lo, hi) for _ in range(4)), rng.randint(t_lo, t_hi)) for _ in range(1500)]
+    ref = [_search(n, t) is not None for n, t in cands]
+    got = solvable(torch.tensor([c[0] for c in cands]), torch.tensor([c[1] for c in cands])).tolist()
+    assert got == ref
+    assert 0 < sum(ref) < len(ref)  # both outcomes are exercised
+
+
+def test_solver_examples_and_errors():
+    assert solve((14, 83, 88, 91), 23) is not None
+    assert solve((1, 1, 1, 1), 50) is None
+    assert solve((10, 20), 200) == ((20, "*", 10, 200),)
+    with pytest.raises(ValueError, match="10001"):
+        solve((10001, 1, 2, 3), 10)
+    with pytest.raises(ValueError, match="at least two"):
+        solve((5,), 5)
+
+
+def test_impossible_request_raises_a_clear_error():
+    with pytest.raises(ValueError, match="could not draw 1 distinct solvable"):
+        generate_problems(1, list(range(10, 101)), 1, 1, seed=0)  # 1,1,1,1 reaches at most 4
+
+
+# ----------------------------------------------------------------------------- scorer
+
+NUMS, TARGET = (1, 2, 3, 4), 10
+
+
+@pytest.mark.parametrize("answer", [
+    "4*3=12,12-2=10,10*1=10",
+    "1+2=3,3+3=6,6+4=10",  # an intermediate result equal to an input
+    "2*3=6,4*1=4,6+4=10",  # two independent pairs, then their results
+    "3+4=7,2+1=3,7+3=10",
+    "4*3=12,12-2=10,10/1=10",
+    "3*4=12,12-2=10,1*10=10",  # operand order is free for + and *
+])
+def test_scorer_accepts_any_valid_chain(answer):
+    s = score(NUMS, TARGET, answer)
+    assert s.solved and s.final_eq_valid and s.reason == "", (answer, s)
+
+
+def test_scorer_accepts_an_alternative_to_the_generators_solution():
+    generated = format_equations(solve(NUMS, TARGET))
+    alternatives = ["4*3=12,12-2=10,10*1=10", "1+2=3,3+3=6,6+4=10", "2*3=6,4*1=4,6+4=10"]
+    assert sum(a != generated for a in alternatives) >= 2
+    for a in alternatives:
+        assert score(NUMS, TARGET, a).solved
+    # repeated inputs: each copy is used once
+    assert score((5, 5, 2, 1), 10, "5+5=10,2-1=1,10*1=10").solved
+    assert not score((5, 5, 2, 1), 10, "1*2=2,5/5=1,2*5=10").solved  # a third 5
+
+
+@pytest.mark.parametrize("answer, reason", [
+    ("4*3=13,13-3=10,10*1=10", "'4*3=13' is wrong"),  # wrong arithmetic
+    ("3/2=1,1+4=5,5*1=5", "'3/2=1' is wrong"),  # inexact division
+    ("1-2=0,3*4=12,12-2=10", "'1-2=0' is wrong"),  # a negative result cannot be written
+    ("4*3=12,12-4=8,8+2=10", "operands not available"),  # reuses 4 (and leaves 1 unused)
+    ("5+3=8,8+2=10,10*1=10", "operands not available"),  # 5 is not an input
+    ("4*3=12,12-2=10,10+1=11", "expected only the target 10"),  # wrong final target
+    ("4*3=12,12-2=10", "2 equation(s), expected 3"),
+    ("4*3=12,12-2=10,10*1=10,10*1=10", "4 equation(s), expected 3"),
+    ("4*3=12,,12-2=10,10*1=10", "4 equation(s), expected 3"),
+    ("4*3=12 12-2=10,10*1=10", "2 equation(s), expected 3"),  # missing comma
+    ("4*3=12|12-2=10,10*1=10", "2 equation(s), expected 3"),  # separator instead of comma
+    ("", "1 equation(s), expected 3"),
+    ("4*3=12,12-2=10,10*1=10<eos>", "has 6 tokens"),  # trailing EOS
+    ("4*3,12-2=10,10*1=10", "has 3 tokens"),  # missing '=' and result
+    ("4*3 12,12-2=10,10*1=10", "has 4 tokens"),  # missing '='
+    ("4*3=12=12,12-2=10,10*1=10", "has 7 tokens"),
+    ("4*3=12,<pause>12-2=10,10*1=10", "has 6 tokens"),  # stray pause
+    ("4 3*=12,12-2=10,10*1=10", "not of the form"),  # wrong token order
+    ("<pause>*3=12,12-2=10,10*1=10", "not of the form"),  # a pause where a number belongs
+    ("4x3=12,12-2=10,10*1=10", "'x' is not in the Countdown vocabulary"),
+    ("04*3=12,12-2=10,10*1=10", "'04' is not in the Countdown vocabulary"),  # leading zero
+])
+def test_scorer_rejects_invalid_answers(answer, reason):
+    s = score(NUMS, TARGET, answer)
+    assert not s.solved and reason in s.reason, (answer, s)
+
+
+def test_final_equation_flag():
+    assert score(NUMS, TARGET, "4*3=13,13-3=10,10*1=10").final_eq_valid  # bad start, valid final equation
+    assert score(NUMS, TARGET, "4*3=12,12-2=10").final_eq_valid  # too short, but ends well
+    assert not score(NUMS, TARGET, "4*3=12,12-2=10,10+1=11").final_eq_valid  # wrong target
+    assert not score(NUMS, TARGET, "4*3=12,12-2=10,10*1=11").final_eq_valid  # wrong arithmetic
+    assert not score(NUMS, TARGET, "4*3=12,12-2=10,10*1=10<pause>").final_eq_valid  # malformed
+
+
+def test_scorer_takes_ids_and_tensors_and_never_raises_on_the_answer():
+    tok = CountdownTokenizer()
+    ids = tok.encode("4*3=12,12-2=10,10*1=10")
+    assert score(NUMS, TARGET, ids).solved and score(NUMS, TARGET, torch.tensor(ids)).solved
+    for bad in ([-5, 99999, 3], [tok.eos_id] * 17, [tok.vocab_size + 3] * 5, list(range(17))):
+        assert not score(NUMS, TARGET, bad).solved
+    with pytest.raises(ValueError, match="10001"):
+        score((1, 2, 3, 10001), 10, "1+2=3")
+    with pytest.raises(ValueError, match="at least two"):
+        score((1,), 10, "1+2=3")
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+def test_held_out_targets_and_disjoint_splits(small_task):
+    cfg = small_task.cfg
+    id_targets, ood_targets = split_targets(cfg)
+    assert len(ood_targets) == 9 and sorted(id_targets + ood_targets) == list(range(10, 101))
+    problems = small_task.problems()
+    assert len(problems["train"]) == SMALL["num_train"]
+    assert len(problems["test_id"]) == len(problems["test_ood"]) == SMALL["num_test"]
+    held = set(ood_targets)
+    assert not {p.target for p in problems["train"]} & held
+    assert not {p.target for p in problems["test_id"]} & held
+    assert {p.target for p in problems["test_ood"]} <= held
+    keys = {split: [p.key for p in ps] for split, ps in problems.items()}
+    for split, ks in keys.items():
+        assert len(set(ks)) == len(ks), f"duplicate problems in {split}"
+    assert not set(keys["train"]) & set(keys["test_id"])
+    assert not set(keys["train"]) & set(keys["test_ood"])
+    # a pure function of the config; another data seed holds out other targets
+    assert CountdownTask(CountdownConfig(**SMALL)).problems() == problems
+    assert split_targets(CountdownConfig(**SMALL, data_seed=1))[1] != ood_targets
+
+
+@pytest.mark.parametrize("field, value, pattern", [
+    ("held_out_frac", 0.0, r"task\.held_out_frac=0\.0"),
+    ("held_out_frac", 1.0, r"task\.held_out_frac=1\.0"),
+    ("held_out_frac", 0.999, r"task\.held_out_frac=0\.999 holds out 91 of 91"),
+    ("max_input", 0, r"task\.max_input=0"),
+    ("max_input", 10001, r"task\.max_input=10001"),
+    ("min_target", 200, r"task\.min_target=200"),
+    ("num_pause", -1, r"task\.num_pause=-1"),
+    ("num_train", 0, r"task\.num_train=0"),
+    ("eval_examples", 0, r"task\.eval_examples=0"),
+])
+def test_bad_config_values_are_named(field, value, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        config_from_dict({"task": {"name": "countdown", field: value}})
+
+
+# ----------------------------------------------------------------------------- tokenizer and data
+
+
+def test_tokenizer_round_trip_and_number_tokens():
+    tok = CountdownTokenizer()
+    assert tok.vocab_size == MAX_VALUE + 1 + 9
+    for i in range(MAX_VALUE + 1):
+        assert tok.encode(str(i)) == [i]
+    text = "14,83,88,91,23|" + "<pause>" * 8 + "83-14=69,91-88=3,69/3=23<eos>"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text and len(ids) == PROMPT_TOKENS + 8 + ANSWER_TOKENS + 1
+    assert tok.encode("1 + 2 = 3") == tok.encode("1+2=3")
+    for bad in ("10001", "007", "x", "<pad>", "<pause", "^"):
+        with pytest.raises(ValueError, match=re.escape(repr(bad))):
+            tok.encode(f"1+{bad}=3")
+
+
+def test_sequences_and_prompt_masking(small_task):
+    data, tok = small_task.train_data(), small_task.tokenizer
+    P = data.prompt_len
+    assert P == PROMPT_TOKENS + 8 and data.answer_len == ANSWER_TOKENS + 1
+    assert data.seqs.shape == (SMALL["num_train"], P + ANSWER_TOKENS + 1)
+    assert data.seqs.shape[1] - 1 == small_task.seq_len
+    p = data.problems[0]
+    expected = ",".join(map(str, (*p.numbers, p.target))) + "|" + "<pause>" * 8 + format_equations(p.solution) + "<eos>"
+    assert tok.decode(data.seqs[0].tolist()) == expected
+    batch = data.get(torch.arange(len(data)))
+    assert batch.doc_ids is None and torch.equal(batch.input_ids, data.seqs[:, :-1])
+    scored = batch.targets != IGNORE
+    # only the answer and EOS are scored: exactly the last ANSWER_TOKENS + 1 targets of every row
+    assert scored.sum(1).eq(ANSWER_TOKENS + 1).all()
+    assert torch.equal(batch.targets[:, P - 1 :], data.seqs[:, P:])
+    assert (batch.targets[:, : P - 1] == IGNORE).all()
+    # the pause tokens (and '|') are inputs but never targets
+    pause_targets = (data.seqs[:, 1:] == tok.pause_id) | (data.seqs[:, 1:] == tok.sep_id)
+    assert pause_targets.sum(1).eq(9).all() and not (pause_targets & scored).any()
+    assert (batch.targets[:, -1] == tok.eos_id).all()
+
+
+def test_prompts_for_decoding_benchmarks(small_task):
+    prompts = small_task.prompts(5, seed=3)
+    data = small_task.test_data()
+    assert len(prompts) == 5 and all(p.shape == (data.prompt_len,) for p in prompts)
+    assert all(int(p[-1]) == small_task.tokenizer.pause_id for p in prompts)
+    rows = {tuple(r) for r in data.seqs[:, : data.prompt_len].tolist()}
+    assert all(tuple(p.tolist()) in rows for p in prompts)
+    assert [p.tolist() for p in small_task.prompts(5, 64, seed=3)] == [p.tolist() for p in prompts]
+    with pytest.raises(ValueError, match="n=1000"):
+        small_task.prompts(1000)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def test_true_answers_score_as_solved(small_task):
+    """The scoring path of evaluate gives 1.0 on the true answers, with or without the trailing EOS."""
+    for split in ("test_id", "test_ood"):
+        data = small_task.test_data(split)
+        answers = data.seqs[:, data.prompt_len :]  # (n, 18): equations + EOS
+        for rows in (answers, answers[:, :-1]):
+            scores = score_rows(data.problems, rows)
+            assert all(s.solved and s.final_eq_valid for s in scores)
+        broken = answers.clone()
+        broken[:, 0] = small_task.tokenizer.pause_id
+        assert not any(s.solved for s in score_rows(data.problems, broken))
+    with pytest.raises(ValueError, match="do not match"):
+        score_rows(data.problems[:2], answers)
+
+
+class _Oracle(torch.nn.Module):
+    """Puts all mass on the true continuation of whichever test sequence the prefix belongs to."""
+
+    def __init__(self, seqs: torch.Tensor, vocab: int):
+        super().__init__()
+        self.seqs, self.vocab = seqs, vocab
+        self.cfg = type("C", (), {"max_seq_len": 64})()
+
+    def forward(self, ids, doc_ids=None):
+        B, T = ids.shape
+        nxt = torch.zeros(B, T, dtype=torch.long)
+        for b in range(B):
+            row = next(s for s in self.seqs if torch.equal(s[:T], ids[b]))
+            nxt[b] = row[1 : T + 1]
+        return nxt, None
+
+    def logits(self, nxt):
+        return torch.nn.functional.one_hot(nxt, self.vocab).float() * 50.0
+
+
+def test_evaluate_scores_a_perfect_model_as_one(small_task):
+    seqs = torch.cat([small_task.test_data("test_id").seqs, small_task.test_data("test_ood").seqs])
+    out = small_task.evaluate(_Oracle(seqs, small_task.tokenizer.vocab_size), max_examples=6)
+    assert out == {"solved_id": 1.0, "solved_ood": 1.0, "final_eq_valid_id": 1.0, "final_eq_valid_ood": 1.0}
+
+
+@pytest.mark.parametrize("objective", ["next_latent", "bst"])
+def test_evaluate_on_untrained_model(objective):
+    comps = build(config_from_dict(_tiny_run(**{"objective.name": objective})))
+    comps.model.train()
+    out = comps.task.evaluate(comps.model, comps.objective)
+    assert set(out) == {"solved_id", "solved_ood", "final_eq_valid_id", "final_eq_valid_ood"}
+    assert all(0.0 <= v <= 1.0 for v in out.values())
+    assert comps.model.training  # restored
+
+
+def test_next_latent_trains_on_countdown(tmp_path):
+    cfg = config_from_dict(_tiny_run(**{"train.steps": 4}))
+    results = Trainer(cfg, out_dir=tmp_path).fit()
+    assert set(results["eval"]) >= {"solved_id", "solved_ood"}
+    losses = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    train_losses = [r["loss"] for r in losses if r["kind"] == "train"]
+    assert len(train_losses) == 4 and all(math.isfinite(v) for v in train_losses)

@@ -1,0 +1,115 @@
+"""Experiments: all arms x seeds trained as resumable subprocess runs, tabulated with every seed's value."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from nextlat import experiment
+from nextlat.cli import main
+from nextlat.config import ConfigError
+from nextlat.experiment import Arm, Experiment, Metric, plan, report, run_experiment
+
+
+@pytest.fixture
+def tiny_experiment(run_config, tmp_path, monkeypatch):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(run_config(**{"train.steps": 2, "train.log_every": 1}).to_yaml())
+
+    def arms(scale):
+        return [Arm("GPT", "gpt", str(recipe), ("objective.name=next_token",)),
+                Arm("NextLat d=2", "nl", str(recipe), ("objective.horizon=2",))]
+
+    exp = Experiment("tiny", arms, [Metric("acc_greedy", "greedy %"), Metric("pos_acc_1", "source", percent=False)],
+                     paper={"GPT": {"G(2,10)": 49.4}})
+    monkeypatch.setitem(experiment.EXPERIMENTS, "tiny", exp)
+    return exp
+
+
+def test_plan_is_seed_major_and_checks_recipes(tiny_experiment, tmp_path):
+    jobs = plan("tiny", "cpu", [0, 1], tmp_path / "exp")
+    assert [(j.run_dir.parent.name, j.seed) for j in jobs] == [("gpt", 0), ("nl", 0), ("gpt", 1), ("nl", 1)]
+    with pytest.raises(ConfigError, match="objective.nope"):
+        plan("tiny", "cpu", [0], tmp_path / "exp", ["objective.nope=1"])
+    with pytest.raises(ConfigError, match="huge"):
+        plan("tiny", "huge", [0], tmp_path / "exp")
+    with pytest.raises(ConfigError, match="mystery"):
+        plan("mystery", "cpu", [0], tmp_path / "exp")
+
+
+def test_run_experiment_tabulates_every_seed_and_skips_finished_runs(tiny_experiment, tmp_path):
+    out = tmp_path / "exp"
+    result = run_experiment("tiny", seeds=[0, 1], parallel=2, out=out)
+    rows = {r["label"]: r for r in result["rows"]}
+    for label, slug in [("GPT", "gpt"), ("NextLat d=2", "nl")]:
+        finals = [json.loads((out / slug / f"seed_{s}" / "results.json").read_text())["eval"] for s in (0, 1)]
+        m = rows[label]["metrics"]["acc_greedy"]
+        assert m["per_seed"] == [f["acc_greedy"] for f in finals]
+        assert m["n"] == 2 and m["min"] <= m["mean"] <= m["max"]
+    assert rows["GPT"]["paper"] == {"G(2,10)": 49.4}
+    table = (out / "results.md").read_text()
+    assert "| GPT | 2 |" in table and "paper G(2,10)" in table and "49.4" in table
+    assert json.loads((out / "results.json").read_text())["rows"][1]["label"] == "NextLat d=2"
+    assert (out / "tiny.png").stat().st_size > 0
+
+    # A rerun trains nothing: finished runs are skipped (their results are not rewritten).
+    stamp = (out / "gpt" / "seed_0" / "results.json").stat().st_mtime_ns
+    run_experiment("tiny", seeds=[0, 1], parallel=1, out=out)
+    assert (out / "gpt" / "seed_0" / "results.json").stat().st_mtime_ns == stamp
+    # A new seed trains only the new runs; the report covers what has finished.
+    (out / "nl" / "seed_0" / "results.json").unlink()
+    res = report("tiny", "cpu", [0, 1], out)
+    assert {r["label"]: r["metrics"]["acc_greedy"]["n"] for r in res["rows"]} == {"GPT": 2, "NextLat d=2": 1}
+
+
+def test_objective_settings_reach_the_runs(tiny_experiment, tmp_path):
+    out = tmp_path / "exp"
+    run_experiment("tiny", seeds=[3], out=out)
+    import yaml
+
+    gpt = yaml.safe_load((out / "gpt" / "seed_3" / "config.yaml").read_text())
+    nl = yaml.safe_load((out / "nl" / "seed_3" / "config.yaml").read_text())
+    assert gpt["objective"]["name"] == "next_token" and nl["objective"]["horizon"] == 2
+    assert gpt["train"]["seed"] == nl["train"]["seed"] == 3
+
+
+def test_cli_experiment_errors_exit_2(capsys):
+    assert main(["experiment", "mystery"]) == 2
+    assert "mystery" in capsys.readouterr().err
+    assert main(["experiment", "pathstar", "--seeds", "0"]) == 2
+
+
+@pytest.mark.parametrize("name", sorted(experiment.EXPERIMENTS))
+def test_shipped_experiments_plan_from_shipped_recipes(name, tmp_path):
+    for scale in experiment.SCALES:
+        jobs = plan(name, scale, [0], tmp_path)
+        assert jobs and len({j.run_dir for j in jobs}) == len(jobs)
+
+
+def test_a5_report_draws_accuracy_by_position(tmp_path, monkeypatch):
+    """The A5 figure: per-position accuracy of each arm on the longest test words, plus the NextLat RNN curve."""
+    from nextlat.config import config_from_dict
+
+    recipe = tmp_path / "a5.yaml"
+    recipe.write_text(config_from_dict({
+        "run_name": "a5-tiny", "model": {"n_layer": 1, "n_head": 2, "d_model": 32, "max_seq_len": 16},
+        "objective": {"name": "next_latent", "horizon": 1, "lambda_h": 1.0, "lambda_kl": 0.0},
+        "task": {"name": "a5", "train_len": 4, "eval_lengths": [4, 10], "num_train": 64, "num_test": 8,
+                 "eval_examples": 8},
+        "train": {"steps": 2, "batch_size": 8, "progress": False, "device": "cpu", "precision": "fp32"},
+    }).to_yaml())
+    base = experiment.EXPERIMENTS["a5"]
+    arms = lambda scale: [Arm("GPT", "gpt", str(recipe), ("objective.name=next_token",)),  # noqa: E731
+                          Arm("NextLat d=1", "nl", str(recipe))]
+    monkeypatch.setitem(experiment.EXPERIMENTS, "a5", Experiment("a5", arms, base.metrics, figures=base.figures))
+    out = tmp_path / "exp"
+    result = run_experiment("a5", seeds=[0, 1], out=out)
+    curves = result["curves"]
+    assert set(curves) == {"GPT", "NextLat d=1", "NextLat d=1, dynamics as RNN"}
+    for c in curves.values():
+        assert c["x"] == list(range(1, 11)) and c["n"] == 2 and all(0 <= v <= 1 for v in c["mean"])
+    final = json.loads((out / "nl" / "seed_0" / "results.json").read_text())["eval"]
+    rnn = [json.loads((out / "nl" / f"seed_{s}" / "results.json").read_text())["eval"]["rnn_acc@10"] for s in (0, 1)]
+    assert abs(sum(curves["NextLat d=1, dynamics as RNN"]["mean"]) / 10 - sum(rnn) / 2) < 1e-5
+    assert "rnn_acc@10" in final and (out / "a5_accuracy_vs_length.png").stat().st_size > 0
