@@ -113,3 +113,37 @@ def test_a5_report_draws_accuracy_by_position(tmp_path, monkeypatch):
     rnn = [json.loads((out / "nl" / f"seed_{s}" / "results.json").read_text())["eval"]["rnn_acc@10"] for s in (0, 1)]
     assert abs(sum(curves["NextLat d=1, dynamics as RNN"]["mean"]) / 10 - sum(rnn) / 2) < 1e-5
     assert "rnn_acc@10" in final and (out / "a5_accuracy_vs_length.png").stat().st_size > 0
+
+
+def test_manhattan_experiment_on_a_given_graph_draws_maps(tmp_path, monkeypatch, capsys):
+    """`nextlat experiment manhattan --graph FILE`: every run trains on that graph; each arm gets a map figure."""
+    from nextlat.config import config_from_dict
+    from nextlat.world import procedural_city
+
+    graph = procedural_city(5, 4, seed=2).save(tmp_path / "town.json")
+    recipe = tmp_path / "mh.yaml"
+    recipe.write_text(config_from_dict({
+        "run_name": "mh-tiny", "model": {"n_layer": 1, "n_head": 2, "d_model": 32, "max_seq_len": 64},
+        "objective": {"name": "next_latent", "horizon": 2, "lambda_h": 1.0, "lambda_kl": 0.1},
+        "task": {"name": "manhattan", "num_train_walks": 100, "seq_len": 32, "eval_next_token": 10, "eval_valid": 5,
+                 "eval_compression": 2, "compression_suffixes": 3, "eval_rank_seqs": 2, "rank_tokens": 32,
+                 "eval_detour": 5, "max_len": 30},
+        "train": {"steps": 2, "batch_size": 4, "progress": False, "device": "cpu", "precision": "fp32"},
+    }).to_yaml())
+    base = experiment.EXPERIMENTS["manhattan"]
+    arms = lambda scale: [Arm("GPT", "gpt", str(recipe), ("objective.name=next_token",)),  # noqa: E731
+                          Arm("NextLat d=8", "nl", str(recipe))]
+    monkeypatch.setitem(experiment.EXPERIMENTS, "manhattan",
+                        Experiment("manhattan", arms, base.metrics, base.paper, figures=base.figures))
+    out = tmp_path / "exp"
+    assert main(["experiment", "manhattan", "--seeds", "1", "--graph", str(graph), "--out", str(out)]) == 0
+    import yaml
+
+    assert yaml.safe_load((out / "gpt" / "seed_0" / "config.yaml").read_text())["task"]["graph"] == str(graph.resolve())
+    result = json.loads((out / "results.json").read_text())
+    assert set(result["maps"]) == {"GPT", "NextLat d=8"}
+    assert (out / "map_gpt.png").stat().st_size > 0 and (out / "map_nl.png").stat().st_size > 0
+    assert "| NextLat d=8 | 1 |" in (out / "results.md").read_text()
+    assert main(["experiment", "a5", "--graph", str(graph)]) == 2
+    assert main(["experiment", "manhattan", "--graph", str(tmp_path / "missing.json")]) == 2
+    assert "missing.json" in capsys.readouterr().err

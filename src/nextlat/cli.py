@@ -94,10 +94,17 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
         raise ValueError(f"--seeds {args.seeds}: must be >= 1")
     seeds = list(range(args.seeds))
     out = Path(args.out or f"runs/experiments/{args.name}-{args.scale}")
+    overrides = list(args.set)
+    if args.graph:
+        if args.name != "manhattan":
+            raise ValueError(f"--graph applies to the manhattan experiment, not {args.name!r}")
+        if not Path(args.graph).is_file():
+            raise FileNotFoundError(f"--graph {args.graph!r}: no such file")
+        overrides.append(f"task.graph={Path(args.graph).resolve()}")
     if args.report:
         report(args.name, args.scale, seeds, out)
     else:
-        run_experiment(args.name, scale=args.scale, seeds=seeds, parallel=args.jobs, out=out, overrides=args.set)
+        run_experiment(args.name, scale=args.scale, seeds=seeds, parallel=args.jobs, out=out, overrides=overrides)
     print(f"[experiment] table: {out / 'results.md'}", file=sys.stderr)
     return 0
 
@@ -196,12 +203,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_sweep)
 
     x = sub.add_parser("experiment", help="train every objective of a paper experiment over seeds; write table and plots")
-    x.add_argument("name", help="pathstar, countdown or a5")
+    x.add_argument("name", help="pathstar, countdown, a5 or manhattan")
     x.add_argument("--scale", default="cpu", choices=["cpu", "paper"], help="recipe scale (paper needs GPUs)")
     x.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1) per objective")
     x.add_argument("--jobs", type=int, default=1, help="runs trained at once (CPU threads are split among them)")
     x.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override applied to every run")
     x.add_argument("--out", help="experiment folder (default runs/experiments/<name>-<scale>)")
+    x.add_argument("--graph", help="manhattan: street graph JSON ({'edges': [[node, dir, node], ...]}); "
+                   "default: the procedural city")
     x.add_argument("--report", action="store_true", help="only rewrite the table and figures from finished runs")
     x.set_defaults(func=_cmd_experiment)
 
