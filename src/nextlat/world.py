@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from nextlat.config import ConfigError
+from nextlat.vocab import WordTokenizer
 
 DIRECTIONS: tuple[str, ...] = ("E", "N", "NE", "NW", "S", "SE", "SW", "W")
 """The eight compass directions; their order fixes direction indices and the canonical shortest paths."""
@@ -709,7 +710,7 @@ def random_walks(graph: StreetGraph, n: int, *, seed: int, max_moves: int, keep:
 # ----------------------------------------------------------------------------- tokens
 
 
-class WalkTokenizer:
+class WalkTokenizer(WordTokenizer):
     """Tokens: node i is id i (named by its original id), then the 8 directions, ``end`` and ``<eos>``.
 
     A walk is ``origin destination dir ... dir end``; ``<eos>`` separates walks packed into one
@@ -721,24 +722,11 @@ class WalkTokenizer:
     def __init__(self, graph: StreetGraph):
         N = graph.num_nodes
         self.num_nodes = N
-        self.itos = [str(n) for n in graph.ids] + list(DIRECTIONS) + [self.END, self.EOS]
-        self.stoi = {s: i for i, s in enumerate(self.itos)}
+        super().__init__([str(n) for n in graph.ids] + list(DIRECTIONS) + [self.END, self.EOS],
+                         f"street-graph vocabulary (node ids of the graph, {' '.join(DIRECTIONS)}, {self.END}, {self.EOS})")
         self.dir0 = N  # token of direction index k is dir0 + k
         self.end_id = N + len(DIRECTIONS)
         self.eos_id = self.end_id + 1
-        self.vocab_size = len(self.itos)
-
-    def encode(self, text: str) -> list[int]:
-        ids = []
-        for word in text.split():
-            if word not in self.stoi:
-                raise ValueError(f"token {word!r} is not in the street-graph vocabulary (node ids of the graph, "
-                                 f"{' '.join(DIRECTIONS)}, {self.END}, {self.EOS})")
-            ids.append(self.stoi[word])
-        return ids
-
-    def decode(self, ids: list[int]) -> str:
-        return " ".join(self.itos[i] if 0 <= i < self.vocab_size else f"<{i}?>" for i in ids)
 
     def is_move(self, ids: Tensor) -> Tensor:
         """Direction tokens: (...) -> (...) bool."""

@@ -29,6 +29,7 @@ from torch import Tensor
 from nextlat.config import ConfigError, TaskConfig
 from nextlat.data import Batch
 from nextlat.tasks.base import Task
+from nextlat.vocab import WordTokenizer
 
 Perm = tuple[int, ...]
 
@@ -124,7 +125,7 @@ class A5Config(TaskConfig):
                 raise ConfigError(f"task.{key}={getattr(self, key)}: must be >= 1")
 
 
-class A5Tokenizer:
+class A5Tokenizer(WordTokenizer):
     """One token per group element, written in one-line notation ("01234" is the identity, id 0).
 
     Token ids equal element indices 0..59. Id 60 is ``<eos>``: the Tokenizer protocol needs an
@@ -135,22 +136,10 @@ class A5Tokenizer:
     EOS = "<eos>"
 
     def __init__(self):
-        self.itos = ["".join(map(str, p)) for p in ELEMENTS] + [self.EOS]
-        self.stoi = {s: i for i, s in enumerate(self.itos)}
+        super().__init__(["".join(map(str, p)) for p in ELEMENTS] + [self.EOS],
+                         f"A5 vocabulary (even permutations of 01234 in one-line notation, e.g. '01234', "
+                         f"'12034'; and {self.EOS})")
         self.eos_id = self.stoi[self.EOS]
-        self.vocab_size = len(self.itos)
-
-    def encode(self, text: str) -> list[int]:
-        ids = []
-        for word in text.split():
-            if word not in self.stoi:
-                raise ValueError(f"token {word!r} is not an A5 element (an even permutation of 01234 written "
-                                 f"in one-line notation, e.g. '01234', '12034') nor {self.EOS}")
-            ids.append(self.stoi[word])
-        return ids
-
-    def decode(self, ids: list[int]) -> str:
-        return " ".join(self.itos[i] if 0 <= i < self.vocab_size else f"<{i}?>" for i in ids)
 
 
 # ----------------------------------------------------------------------------- data

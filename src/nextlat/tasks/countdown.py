@@ -36,6 +36,7 @@ from nextlat.config import ConfigError, TaskConfig
 from nextlat.data import IGNORE, Batch
 from nextlat.decoding import generate
 from nextlat.tasks.base import Task
+from nextlat.vocab import WordTokenizer
 
 MAX_VALUE = 10000
 """Largest number (and number token); no input or intermediate result may exceed it."""
@@ -233,7 +234,7 @@ def format_equations(equations: tuple[Equation, ...] | list[Equation]) -> str:
 # ----------------------------------------------------------------------------- tokenizer
 
 
-class CountdownTokenizer:
+class CountdownTokenizer(WordTokenizer):
     """Token id v is the integer v (0..10000); then + - * / = , | <pause> <eos>.
 
     Text has no spaces ('14,83,88,91,23|...'); encode also skips whitespace. Numbers must be written
@@ -243,25 +244,18 @@ class CountdownTokenizer:
     SYMBOLS = ("+", "-", "*", "/", "=", ",", "|", "<pause>", "<eos>")
     _PIECE = re.compile(r"\s*(\d+|<[a-z]*>?|.)")
 
+    sep = ""
+
     def __init__(self):
-        self.itos = [str(i) for i in range(MAX_VALUE + 1)] + list(self.SYMBOLS)
-        self.stoi = {s: i for i, s in enumerate(self.itos)}
+        super().__init__([str(i) for i in range(MAX_VALUE + 1)] + list(self.SYMBOLS),
+                         f"Countdown vocabulary (integers 0..{MAX_VALUE} without leading zeros, "
+                         f"{' '.join(self.SYMBOLS)})")
         (self.plus_id, self.minus_id, self.times_id, self.div_id, self.eq_id, self.comma_id, self.sep_id,
          self.pause_id, self.eos_id) = (self.stoi[s] for s in self.SYMBOLS)
         self.op_ids = {self.stoi[op]: op for op in OPS}
-        self.vocab_size = len(self.itos)
 
-    def encode(self, text: str) -> list[int]:
-        ids = []
-        for piece in self._PIECE.findall(text.rstrip()):
-            if piece not in self.stoi:
-                raise ValueError(f"token {piece!r} is not in the Countdown vocabulary (integers 0..{MAX_VALUE} "
-                                 f"without leading zeros, {' '.join(self.SYMBOLS)})")
-            ids.append(self.stoi[piece])
-        return ids
-
-    def decode(self, ids: list[int]) -> str:
-        return "".join(self.itos[i] if 0 <= i < self.vocab_size else f"<{i}?>" for i in ids)
+    def split(self, text: str) -> list[str]:
+        return self._PIECE.findall(text.rstrip())
 
 
 # ----------------------------------------------------------------------------- problems

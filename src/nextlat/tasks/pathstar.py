@@ -23,6 +23,7 @@ from nextlat.config import ConfigError, TaskConfig
 from nextlat.data import IGNORE, Batch
 from nextlat.decoding import generate
 from nextlat.tasks.base import Task
+from nextlat.vocab import WordTokenizer
 
 
 @dataclass
@@ -57,29 +58,16 @@ class PathStarConfig(TaskConfig):
             raise ConfigError("task.num_train, task.num_test and task.eval_examples must be >= 1")
 
 
-class PathStarTokenizer:
+class PathStarTokenizer(WordTokenizer):
     """Node ids are tokens 0..N-1; then '|' (edge separator), '/' (query), '=' (answer), '<eos>'."""
 
     SPECIALS = ("|", "/", "=", "<eos>")
 
     def __init__(self, num_nodes: int):
         self.num_nodes = num_nodes
-        self.itos = [str(i) for i in range(num_nodes)] + list(self.SPECIALS)
-        self.stoi = {s: i for i, s in enumerate(self.itos)}
+        super().__init__([str(i) for i in range(num_nodes)] + list(self.SPECIALS),
+                         f"Path-Star vocabulary (node ids 0..{num_nodes - 1}, {' '.join(self.SPECIALS)})")
         self.sep_id, self.query_id, self.answer_id, self.eos_id = (self.stoi[s] for s in self.SPECIALS)
-        self.vocab_size = len(self.itos)
-
-    def encode(self, text: str) -> list[int]:
-        ids = []
-        for word in text.split():
-            if word not in self.stoi:
-                raise ValueError(f"token {word!r} is not in the Path-Star vocabulary (node ids 0..{self.num_nodes - 1}, "
-                                 f"{' '.join(self.SPECIALS)})")
-            ids.append(self.stoi[word])
-        return ids
-
-    def decode(self, ids: list[int]) -> str:
-        return " ".join(self.itos[i] if 0 <= i < self.vocab_size else f"<{i}?>" for i in ids)
 
 
 @dataclass(frozen=True)
