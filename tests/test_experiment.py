@@ -143,3 +143,22 @@ def test_manhattan_experiment_on_a_given_graph_draws_maps(tmp_path, monkeypatch,
     assert main(["experiment", "a5", "--graph", str(graph)]) == 2
     assert main(["experiment", "manhattan", "--graph", str(tmp_path / "missing.json")]) == 2
     assert "missing.json" in capsys.readouterr().err
+
+
+def test_interrupted_experiment_resumes_runs_exactly(tiny_experiment, tmp_path):
+    """A run stopped after a checkpoint continues from it when the experiment is started again, and ends where an
+    uninterrupted run ends."""
+    out, ref = tmp_path / "exp", tmp_path / "ref"
+    run_experiment("tiny", seeds=[0], out=out, overrides=["train.steps=2", "train.ckpt_every=2"])
+    for slug in ("gpt", "nl"):
+        (out / slug / "seed_0" / "results.json").unlink()  # as if killed after the step-2 checkpoint
+    run_experiment("tiny", seeds=[0], out=out, overrides=["train.steps=4", "train.ckpt_every=2"])
+    run_experiment("tiny", seeds=[0], out=ref, overrides=["train.steps=4", "train.ckpt_every=2"])
+    for slug in ("gpt", "nl"):
+        log = (out / slug / "seed_0" / "train.log").read_text()
+        assert "steps 2->4" in log
+        steps = [json.loads(line)["step"] for line in (out / slug / "seed_0" / "metrics.jsonl").read_text().splitlines()
+                 if json.loads(line)["kind"] == "train"]
+        assert steps == [1, 2, 3, 4]
+        got, want = (json.loads((d / slug / "seed_0" / "results.json").read_text()) for d in (out, ref))
+        assert got["eval"] == want["eval"]
