@@ -62,6 +62,16 @@ def ce_term(logits: Tensor, targets: Tensor, weight: float = 1.0) -> LossTerm:
     return LossTerm(ce, (targets != IGNORE).sum(), weight)
 
 
+def head_ce(model: Transformer, h: Tensor, targets: Tensor, weight: float = 1.0) -> LossTerm:
+    """Cross-entropy of the LM head on hidden states h (..., D) against targets (...).
+
+    Logits are computed only where the target is scored: on prompt-heavy tasks (Path-Star,
+    Countdown) and padded batches, masked positions cost no (D x V) head product.
+    """
+    keep = targets != IGNORE
+    return ce_term(model.logits(h[keep]), targets[keep], weight)
+
+
 def future_targets(batch: Batch, k: int) -> Tensor:
     """Targets k positions ahead, (B, T) -> (B, T - k): ``targets[:, t + k]`` at t, IGNORE where t and t + k
     are not in one real document (so a future-token head never scores across a boundary or into padding)."""
@@ -92,9 +102,9 @@ class Objective(nn.Module):
                 total[k] = total.get(k, 0) + v
         return total
 
-    def token_loss(self, logits: Tensor, batch: Batch) -> LossTerm:
-        """Summed next-token cross-entropy over positions whose target is not IGNORE."""
-        return ce_term(logits, batch.targets)
+    def token_loss(self, model: Transformer, h: Tensor, batch: Batch) -> LossTerm:
+        """Summed next-token cross-entropy of the LM head on h (B, T, D) over positions whose target is not IGNORE."""
+        return head_ce(model, h, batch.targets)
 
     def forward(self, model: Transformer, batch: Batch) -> LossOutput:  # pragma: no cover - abstract
         raise NotImplementedError

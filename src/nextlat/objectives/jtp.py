@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from nextlat.config import ObjectiveConfig
 from nextlat.data import Batch
 from nextlat.model import RMSNorm, Transformer, init_weights
-from nextlat.objectives.base import FutureTokenObjective, LossOutput, ce_term, future_targets
+from nextlat.objectives.base import FutureTokenObjective, LossOutput, future_targets, head_ce
 
 
 class Fetch(nn.Module):
@@ -68,7 +68,7 @@ class JointTokenPrediction(FutureTokenObjective):
 
     def forward(self, model: Transformer, batch: Batch) -> LossOutput:
         h, emb = model(batch.input_ids, batch.doc_ids)  # (B, T, D) each
-        terms = {"ce": self.token_loss(model.logits(h), batch)}
+        terms = {"ce": self.token_loss(model, h, batch)}
         steps = self.future_steps(h.shape[1])
         if not steps:
             return LossOutput(terms)  # exactly the next-token loss
@@ -79,6 +79,6 @@ class JointTokenPrediction(FutureTokenObjective):
         idx = (torch.arange(T, device=h.device)[:, None] + torch.arange(L, device=h.device)).clamp(max=T - 1)
         out = self.fetch(h.reshape(B * T, D), emb[:, idx].reshape(B * T, L, D)).view(B, T, L, D)
         for j in steps:
-            logits = model.logits(out[:, : T - j, j])  # (B, T - j, V)
-            terms[f"jtp@{j}"] = ce_term(logits, future_targets(batch, j), self.cfg.lambda_future / self.cfg.horizon)
+            terms[f"jtp@{j}"] = head_ce(model, out[:, : T - j, j], future_targets(batch, j),
+                                        self.cfg.lambda_future / self.cfg.horizon)
         return LossOutput(terms)

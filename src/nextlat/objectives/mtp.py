@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from nextlat.config import ObjectiveConfig
 from nextlat.data import Batch
 from nextlat.model import Block, LayerContext, RMSNorm, Transformer, init_weights
-from nextlat.objectives.base import FutureTokenObjective, LossOutput, ce_term, future_targets
+from nextlat.objectives.base import FutureTokenObjective, LossOutput, future_targets, head_ce
 
 
 class MultiTokenPrediction(FutureTokenObjective):
@@ -43,11 +43,11 @@ class MultiTokenPrediction(FutureTokenObjective):
     def forward(self, model: Transformer, batch: Batch) -> LossOutput:
         x, _, ctx = model.forward_layers(batch.input_ids, batch.doc_ids, n_layers=model.cfg.n_layer - 1)  # (B, T, D)
         # Head 0 repeats exactly the backbone's last block and norm: with lambda_future = 0 this is next-token training.
-        terms = {"ce": self.token_loss(model.logits(self.head_state(model, x, ctx, 0)), batch)}
+        terms = {"ce": self.token_loss(model, self.head_state(model, x, ctx, 0), batch)}
         T, d = x.shape[1], self.cfg.horizon
         for k in self.future_steps(T):
             h = self.head_state(model, x, ctx, k)[:, : T - k]  # (B, T - k, D); later positions have no target
-            terms[f"mtp@{k}"] = ce_term(model.logits(h), future_targets(batch, k), self.cfg.lambda_future / d)
+            terms[f"mtp@{k}"] = head_ce(model, h, future_targets(batch, k), self.cfg.lambda_future / d)
         return LossOutput(terms)
 
     def drafter(self, model: Transformer):

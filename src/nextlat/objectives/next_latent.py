@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from nextlat.config import ObjectiveConfig
 from nextlat.data import IGNORE, Batch, transition_mask
 from nextlat.model import RMSNorm, Transformer, init_weights, mlp_hidden_width
-from nextlat.objectives.base import LossOutput, LossTerm, Objective
+from nextlat.objectives.base import LossOutput, LossTerm, Objective, ce_term
 
 
 class LatentDynamics(nn.Module):
@@ -78,8 +78,9 @@ class NextLatent(Objective):
 
     def forward(self, model: Transformer, batch: Batch) -> LossOutput:
         h, emb = model(batch.input_ids, batch.doc_ids)  # (B, T, D) each
-        logits = model.logits(h)  # (B, T, V)
-        terms = {"ce": self.token_loss(logits, batch)}
+        scored = batch.targets != IGNORE  # (B, T)
+        logits = model.logits(h[scored])  # (N, V): the LM head only where a token is scored (as head_ce)
+        terms = {"ce": ce_term(logits, batch.targets[scored])}
         lam_h, lam_kl, d = self.cfg.lambda_h, self.cfg.lambda_kl, self.cfg.horizon
         if lam_h == 0 and lam_kl == 0:
             return LossOutput(terms)  # exactly the next-token loss
@@ -87,7 +88,11 @@ class NextLatent(Objective):
         T = h.shape[1]
         target_h = h.detach()  # stop-gradient targets
         head_w = model.lm_head.weight.detach()  # the KL must not train the LM head
-        teacher_logp = F.log_softmax(logits.detach().float(), dim=-1) if lam_kl > 0 else None
+        if lam_kl > 0:
+            teacher_logp = F.log_softmax(logits.detach().float(), dim=-1)  # (N, V)
+            # row of teacher_logp holding each scored position (B, T); KL destinations are always scored
+            row = torch.full(scored.shape, -1, dtype=torch.long, device=h.device)
+            row[scored] = torch.arange(len(logits), device=h.device)
         h_hat = h  # rollout state; h^_t = h_t, never detached along the chain
         for i in range(1, min(d, T - 1) + 1):
             # h_hat[:, t] predicts h_{t+i-1}; feed the true token x_{t+i} (teacher forcing).
@@ -100,8 +105,8 @@ class NextLatent(Objective):
                     (l1 * m).sum(), latent_mask.sum() * h.shape[-1], lam_h / d
                 )
             if lam_kl > 0:
-                student_logp = F.log_softmax(F.linear(h_hat, head_w).float(), dim=-1)  # (B, T - i, V)
-                teacher = teacher_logp[:, i:]
-                kl = (teacher.exp() * (teacher - student_logp)).sum(-1)  # forward KL(p || q), (B, T - i)
-                terms[f"kl@{i}"] = LossTerm((kl * kl_mask).sum(), kl_mask.sum(), lam_kl / d)
+                student_logp = F.log_softmax(F.linear(h_hat[kl_mask], head_w).float(), dim=-1)  # (M, V)
+                teacher = teacher_logp[row[:, i:][kl_mask]]  # (M, V)
+                kl = (teacher.exp() * (teacher - student_logp)).sum()  # forward KL(p || q), summed
+                terms[f"kl@{i}"] = LossTerm(kl, kl_mask.sum(), lam_kl / d)
         return LossOutput(terms)

@@ -12,4 +12,4 @@ class NextToken(Objective):
 
     def forward(self, model: Transformer, batch: Batch) -> LossOutput:
         h, _ = model(batch.input_ids, batch.doc_ids)
-        return LossOutput({"ce": self.token_loss(model.logits(h), batch)})
+        return LossOutput({"ce": self.token_loss(model, h, batch)})
