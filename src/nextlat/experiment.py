@@ -112,8 +112,7 @@ def _a5_figures(exp: Experiment, out: Path, arms: list[Arm], seeds: list[int]) -
                 per_label.setdefault(arm.label, []).append(acc.tolist())
             dynamics = getattr(objective, "dynamics", None)
             if dynamics is not None:
-                with torch.no_grad():
-                    acc = rnn_accuracy_by_position(model, dynamics, batch.input_ids, batch.targets)
+                acc = rnn_accuracy_by_position(model, dynamics, batch.input_ids, batch.targets)
                 per_label.setdefault(f"{arm.label}, dynamics as RNN", []).append(acc.tolist())
     curves = {}
     for label, runs in per_label.items():
