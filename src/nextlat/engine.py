@@ -4,7 +4,8 @@ A target wraps the model: :class:`CachedTarget` keeps a preallocated KV cache (p
 prompts, then only new tokens; rollback = lowering a row's length) and :class:`RecomputeTarget`
 reruns whole sequences, the no-cache protocol of the paper's code. ``decode`` extends prompts one
 token per forward pass; ``speculative_decode`` lets a :class:`Drafter` propose tokens that one
-forward pass verifies. The engine knows nothing of
+forward pass verifies. Two drafters: :class:`NextLatDrafter` (the latent dynamics, any draft
+length) and :class:`MTPDrafter` (multi-token heads, a fixed horizon). The engine knows nothing of
 tokenizers; prompts are token-id tensors of any lengths.
 
 The round structure keeps one *pending* token per row: chosen from the target model's
