@@ -151,7 +151,7 @@ def test_mtp_drafter_drafts_are_all_accepted_when_heads_agree_with_the_target():
     each round accepts all d drafts and emits d + 1 tokens per verify pass."""
     model, drafter = tiny_mtp(3, horizon=2)
     with torch.no_grad():
-        for norm in [model.norm, *drafter.norms]:
+        for norm in [model.norm, *drafter.mtp.norms]:
             norm.weight.zero_()
     got = speculative_decode(model, drafter, [torch.tensor([1, 2, 3])], 21, gamma=5)
     assert got.tokens == [[0] * 21]

@@ -121,9 +121,9 @@ class MTPDrafter(Drafter):
     so with a KV cache they keep one of their own, written and rolled back with the target's.
     """
 
-    def __init__(self, model: Transformer, heads: torch.nn.ModuleList, norms: torch.nn.ModuleList):
-        self.model, self.heads, self.norms = model, heads, norms
-        self.max_draft = len(heads)
+    def __init__(self, model: Transformer, mtp: torch.nn.Module):
+        self.model, self.mtp = model, mtp  # mtp: a MultiTokenPrediction objective (heads 1..d, head_state)
+        self.max_draft = mtp.cfg.horizon
         self.trunk_layers = model.cfg.n_layer - 1
         self.cache: KVCache | None = None
         self.logits: Tensor | None = None  # (B, K, d, V): head logits at the latest run's selected positions
@@ -136,8 +136,8 @@ class MTPDrafter(Drafter):
     def observe(self, x: Tensor, ctx: LayerContext, select: Tensor) -> None:
         hctx = ctx if self.cache is None else LayerContext(ctx.cos, ctx.sin, ctx.mask, self.cache)
         idx = select[..., None].expand(-1, -1, x.shape[-1])  # (B, K, D)
-        out = [self.model.logits(norm(head(x, hctx, k)).gather(1, idx))  # (B, K, V) each
-               for k, (head, norm) in enumerate(zip(self.heads, self.norms))]
+        out = [self.model.logits(self.mtp.head_state(self.model, x, hctx, k).gather(1, idx))  # (B, K, V) each
+               for k in range(1, self.max_draft + 1)]
         if self.cache is not None:
             self.cache.lengths += x.shape[1]
         self.logits = torch.stack(out, 2)

@@ -34,11 +34,15 @@ class MultiTokenPrediction(FutureTokenObjective):
         init_weights(self, mc.init_std)
 
     def head_state(self, model: Transformer, x: Tensor, ctx: LayerContext, k: int) -> Tensor:
-        """Normalised output (B, T, D) of head k on the trunk's residual stream x (B, T, D)."""
+        """Normalised output (B, T, D) of head k on the trunk's residual stream x (B, T, D).
+
+        Head k >= 1 uses layer k - 1 of a cache in ``ctx``: heads 1..d keep a cache of their own
+        (:class:`nextlat.engine.MTPDrafter`), never the backbone's.
+        """
         if k == 0:
             n = model.cfg.n_layer
             return model.norm(model.layers[n - 1](x, ctx, n - 1))
-        return self.norms[k - 1](self.heads[k - 1](x, ctx))
+        return self.norms[k - 1](self.heads[k - 1](x, ctx, k - 1))
 
     def forward(self, model: Transformer, batch: Batch) -> LossOutput:
         x, _, ctx = model.forward_layers(batch.input_ids, batch.doc_ids, n_layers=model.cfg.n_layer - 1)  # (B, T, D)
@@ -54,4 +58,4 @@ class MultiTokenPrediction(FutureTokenObjective):
         """Fixed-horizon speculative drafts from heads 1..d (:class:`nextlat.engine.MTPDrafter`)."""
         from nextlat.engine import MTPDrafter  # local: the engine is optional for training
 
-        return MTPDrafter(model, self.heads, self.norms)
+        return MTPDrafter(model, self)
