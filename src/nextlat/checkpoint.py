@@ -51,6 +51,13 @@ def _fsync_write(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` in one step: readers see the old file or the new one, never a half-written one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _state(module: nn.Module) -> dict[str, torch.Tensor]:
     # contiguous clones: safetensors refuses shared or strided storage
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}

@@ -11,14 +11,14 @@ experiment folder. ``report`` redoes the table and figures from whatever runs ha
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nextlat.checkpoint import atomic_write_text
 from nextlat.config import ConfigError, load_config
-from nextlat.sweep import Job, run_jobs, seed_results, stats_of
+from nextlat.sweep import Job, finished_runs, run_jobs, seed_results, stats_of
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class Experiment:
     paper: dict[str, dict[str, float]] = field(default_factory=dict)
     """The paper's values: arm label -> metric label -> value (as printed in the paper)."""
     paper_note: str = ""
-    figures: Callable[[Experiment, Path, list[Arm], list[int]], dict[str, Any]] | None = None
+    figures: Callable[[Path, list[Arm], list[int]], dict[str, Any]] | None = None
     """Draws the figures into the folder; returns extra results for results.json (e.g. curves)."""
 
 
@@ -88,7 +88,7 @@ def _a5_arms(scale: str) -> list[Arm]:
             Arm("NextLat d=1", "next-latent", f"a5-{scale}-next-latent")]
 
 
-def _a5_figures(exp: Experiment, out: Path, arms: list[Arm], seeds: list[int]) -> dict[str, Any]:
+def _a5_figures(out: Path, arms: list[Arm], seeds: list[int]) -> dict[str, Any]:
     """Accuracy by position on the longest test words, per arm (and the NextLat dynamics run as an RNN)."""
     import torch
 
@@ -98,10 +98,7 @@ def _a5_figures(exp: Experiment, out: Path, arms: list[Arm], seeds: list[int]) -
 
     per_label: dict[str, list[list[float]]] = {}
     for arm in arms:
-        for s in seeds:
-            run = out / arm.slug / f"seed_{s}"
-            if not (run / "results.json").is_file():
-                continue
+        for run in finished_runs(out / arm.slug, seeds):
             comps, _ = load_components(run, "cpu")
             model, objective = comps.model.eval(), comps.objective.eval()
             L = max(comps.task.cfg.eval_lengths)
@@ -129,14 +126,14 @@ def _manhattan_arms(scale: str) -> list[Arm]:
     return _objective_arms("manhattan", scale, {"next_token": [], "mtp": [8], "jtp": [8], "next_latent": [8]})
 
 
-def _manhattan_figures(exp: Experiment, out: Path, arms: list[Arm], seeds: list[int]) -> dict[str, Any]:
+def _manhattan_figures(out: Path, arms: list[Arm], seeds: list[int]) -> dict[str, Any]:
     """Map reconstruction of each arm's first finished seed: the streets its greedy traversals use or invent."""
     from nextlat.train import load_components
     from nextlat.world_metrics import draw_map, map_reconstruction, valid_trajectories
 
     maps = {}
     for arm in arms:
-        finished = [out / arm.slug / f"seed_{s}" for s in seeds if (out / arm.slug / f"seed_{s}" / "results.json").is_file()]
+        finished = finished_runs(out / arm.slug, seeds)
         if not finished:
             continue
         run = finished[0]
@@ -251,7 +248,7 @@ def report(name: str, scale: str, seeds: list[int], out: Path) -> dict[str, Any]
         plot_bars(rows, first.key, first.label, out / f"{name}.png", title=f"{name} ({scale} scale)",
                   percent=first.percent)
     if exp.figures is not None:
-        result.update(exp.figures(exp, out, arms, seeds))
+        result.update(exp.figures(out, arms, seeds))
 
     paper_cols = sorted({c for r in rows for c in r["paper"]})
     head = ["objective", "seeds", *[m.label for m in exp.metrics], *[f"paper {c}" for c in paper_cols]]
@@ -271,13 +268,8 @@ def report(name: str, scale: str, seeds: list[int], out: Path) -> dict[str, Any]
         lines.append("| " + " | ".join(cells) + " |")
     if exp.paper_note:
         lines += ["", exp.paper_note]
-    _atomic_write(out / "results.md", "\n".join(lines) + "\n")
-    _atomic_write(out / "results.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
+    atomic_write_text(out / "results.json", json.dumps(result, indent=2) + "\n")
     print("\n".join(lines))
     return result
 
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

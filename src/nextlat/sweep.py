@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nextlat.checkpoint import atomic_write_text
+
 
 @dataclass(frozen=True)
 class Job:
@@ -31,7 +33,7 @@ class Job:
 
     @property
     def done(self) -> bool:
-        return (self.run_dir / "results.json").is_file()
+        return is_finished(self.run_dir)
 
 
 def run_jobs(jobs: list[Job], parallel: int = 1) -> list[Job]:
@@ -80,14 +82,20 @@ def run_sweep(recipe: str, seeds: list[int], overrides: list[str], out: Path, jo
     return summary
 
 
+def is_finished(run_dir: Path) -> bool:
+    """A run is finished once its trainer has written the final ``results.json``."""
+    return (run_dir / "results.json").is_file()
+
+
+def finished_runs(out: Path, seeds: list[int]) -> list[Path]:
+    """Run folders ``<out>/seed_<k>`` of the given seeds that hold a final ``results.json``, in seed order."""
+    return [run for run in (out / f"seed_{s}" for s in seeds) if is_finished(run)]
+
+
 def seed_results(out: Path, seeds: list[int]) -> dict[int, dict[str, float]]:
     """Final evaluation of every finished seed under ``out`` (``seed_<k>/results.json``)."""
-    per_seed = {}
-    for s in seeds:
-        f = out / f"seed_{s}" / "results.json"
-        if f.is_file():
-            per_seed[s] = json.loads(f.read_text())["eval"]
-    return per_seed
+    return {int(run.name.removeprefix("seed_")): json.loads((run / "results.json").read_text())["eval"]
+            for run in finished_runs(out, seeds)}
 
 
 def stats_of(values: list[float]) -> dict[str, float]:
@@ -101,12 +109,12 @@ def summarize(out: Path, seeds: list[int]) -> dict[str, Any]:
     keys = sorted({k for m in per_seed.values() for k in m})
     stats = {k: stats_of([m[k] for m in per_seed.values() if k in m]) for k in keys}
     summary = {"out": str(out), "per_seed": per_seed, "stats": stats}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     lines = ["| seed | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for s, m in per_seed.items():
         lines.append(f"| {s} | " + " | ".join(f"{m.get(k, float('nan')):.3f}" for k in keys) + " |")
     if per_seed:
         lines.append("| mean ± std | " + " | ".join(f"{stats[k]['mean']:.3f} ± {stats[k]['std']:.3f}" for k in keys) + " |")
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out / "summary.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return summary

@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -25,6 +24,7 @@ from tqdm.auto import tqdm
 
 from nextlat.checkpoint import (
     CheckpointError,
+    atomic_write_text,
     list_checkpoints,
     load_trainer_state,
     load_weights,
@@ -110,9 +110,7 @@ class MetricsLog:
         if not self.path.exists():
             return
         keep = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(line + "\n" for line in keep))
 
 
 class Trainer:
@@ -221,9 +219,7 @@ class Trainer:
             last_eval = self.evaluate()
         results = {"run_name": self.cfg.run_name, "step": t.steps, "objective": self.cfg.objective.name,
                    "seed": t.seed, "eval": last_eval}
-        tmp = self.out / "results.json.tmp"
-        tmp.write_text(json.dumps(results, indent=2))
-        os.replace(tmp, self.out / "results.json")
+        atomic_write_text(self.out / "results.json", json.dumps(results, indent=2))
         return results
 
 
