@@ -139,8 +139,8 @@ def _manhattan_figures(out: Path, arms: list[Arm], seeds: list[int]) -> dict[str
         run = finished[0]
         comps, _ = load_components(run, "cpu")
         task, model = comps.task, comps.model.eval()
-        max_len = min(task.cfg.max_len, model.cfg.max_seq_len - 2)
-        res = valid_trajectories(model, task.graph, task.tokenizer, task.test_pairs(task.cfg.eval_valid), max_len=max_len)
+        res = valid_trajectories(model, task.graph, task.tokenizer, task.test_pairs(task.cfg.eval_valid),
+                                 max_len=task.move_cap(model))
         m = map_reconstruction(task.graph, res.traversals)
         draw_map(task.graph, m, out / f"map_{arm.slug}.png", title=f"{arm.label} ({run.name})")
         maps[arm.label] = {"run": str(run), "true_edges": len(m.true_edges), "invented_edges": len(m.invented),

@@ -353,6 +353,15 @@ class ManhattanTask(Task):
 
     # ------------------------------------------------------------------ evaluation
 
+    def move_cap(self, model) -> int:
+        """Move cap of generated traversals: ``task.max_len``, lowered (with a warning) to what the model holds."""
+        max_len, limit = self.cfg.max_len, model.cfg.max_seq_len
+        if max_len + 2 > limit:
+            warnings.warn(f"task.max_len={max_len} needs model.max_seq_len >= {max_len + 2}; "
+                          f"traversals are capped at {limit - 2} moves", stacklevel=3)
+            max_len = limit - 2
+        return max_len
+
     @torch.no_grad()
     def evaluate(self, model, objective=None, *, device="cpu", seed: int = 0,
                  max_examples: int | None = None) -> dict[str, float]:
@@ -365,11 +374,7 @@ class ManhattanTask(Task):
         size = lambda k: min(k, max_examples) if max_examples else k  # noqa: E731
         lm = as_walk_model(model)
         limit = model.cfg.max_seq_len
-        max_len = c.max_len
-        if max_len + 2 > limit:
-            max_len = limit - 2
-            warnings.warn(f"task.max_len={c.max_len} needs model.max_seq_len >= {c.max_len + 2}; "
-                          f"traversals are capped at {max_len} moves", stacklevel=2)
+        max_len = self.move_cap(model)
         out: dict[str, float] = {}
         if size(c.eval_next_token):
             r = next_token_test(lm, graph, tok, self.val_walks(size(c.eval_next_token)))
