@@ -174,3 +174,50 @@ def test_resuming_a_finished_run_keeps_its_results(run_config, tmp_path):
     assert again.start_step == 2
     assert again.fit() == before
     assert json.loads((tmp_path / "results.json").read_text()) == before
+
+
+def test_post_hoc_dynamics_fit_trains_only_the_objective(run_config, tmp_path):
+    """init_from a next-token run + freeze_backbone: the backbone stays bit-for-bit, p_psi learns."""
+    Trainer(run_config(**{"objective.name": "next_token", "train.steps": 3}), out_dir=tmp_path / "gpt").fit()
+    base = Trainer(run_config(**{"objective.name": "next_token", "train.steps": 3}), out_dir=tmp_path / "gpt",
+                   resume=True)
+    cfg = run_config(**{"train.steps": 12, "train.lr": 3e-3, "train.init_from": str(tmp_path / "gpt"),
+                        "train.freeze_backbone": True})
+    fit = Trainer(cfg, out_dir=tmp_path / "fit")
+    assert all(not p.requires_grad for p in fit.model.parameters())
+    trained = {id(p) for group in fit.optimizer.param_groups for p in group["params"]}
+    assert trained == {id(p) for p in fit.objective.parameters()}
+    before = {k: v.clone() for k, v in fit.objective.state_dict().items()}
+    fit.fit()
+    for k, v in base.model.state_dict().items():
+        assert torch.equal(v, fit.model.state_dict()[k]), k
+    assert any(not torch.equal(before[k], v) for k, v in fit.objective.state_dict().items())
+    records = [r for r in _records(tmp_path / "fit") if r["kind"] == "train"]
+    assert records[-1]["next_h"] < records[0]["next_h"]
+    assert records[-1]["ce"] == pytest.approx(records[0]["ce"], rel=0.2)  # the head is frozen too
+
+
+def test_init_from_loads_the_objective_only_when_its_settings_are_equal(run_config, tmp_path):
+    Trainer(run_config(**{"train.steps": 2}), out_dir=tmp_path / "nl").fit()
+    src = Trainer(run_config(**{"train.steps": 2}), out_dir=tmp_path / "nl", resume=True)
+    same = Trainer(run_config(**{"train.init_from": str(tmp_path / "nl")}), out_dir=tmp_path / "same")
+    _assert_same_weights(src, same)
+    other = Trainer(run_config(**{"train.init_from": str(tmp_path / "nl"), "objective.horizon": 1}),
+                    out_dir=tmp_path / "other")
+    for k, v in src.model.state_dict().items():
+        assert torch.equal(v, other.model.state_dict()[k]), k
+    fresh = Trainer(run_config(**{"objective.horizon": 1}), out_dir=tmp_path / "fresh")
+    for k, v in fresh.objective.state_dict().items():  # objective differs: fresh init, as without init_from
+        assert torch.equal(v, other.objective.state_dict()[k]), k
+
+
+def test_init_from_errors_name_the_bad_value(run_config, tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        Trainer(run_config(**{"train.init_from": str(tmp_path / "nowhere")}), out_dir=tmp_path / "a")
+    Trainer(run_config(**{"train.steps": 1}), out_dir=tmp_path / "src").fit()
+    with pytest.raises(CheckpointError, match="init_from.*model settings"):
+        Trainer(run_config(**{"train.init_from": str(tmp_path / "src"), "model.d_model": 16}), out_dir=tmp_path / "b")
+    with pytest.raises(ConfigError, match="freeze_backbone.*init_from"):
+        run_config(**{"train.freeze_backbone": True})
+    with pytest.raises(ConfigError, match="freeze_backbone.*next_token"):
+        run_config(**{"train.freeze_backbone": True, "train.init_from": "x", "objective.name": "next_token"})

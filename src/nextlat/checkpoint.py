@@ -182,9 +182,12 @@ def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{file}: corrupt or unreadable safetensors file ({e})") from None
 
 
-def load_weights(ckpt: Checkpoint, model: nn.Module, objective: nn.Module) -> None:
-    """Load weights strictly: every key present, none extra, every shape equal."""
+def load_weights(ckpt: Checkpoint, model: nn.Module, objective: nn.Module | None) -> None:
+    """Load weights strictly: every key present, none extra, every shape equal. ``objective=None`` loads
+    only the backbone."""
     for file, module in (("model.safetensors", model), ("objective.safetensors", objective)):
+        if module is None:
+            continue
         state = _load_tensors(ckpt.path / file)
         expected = module.state_dict()
         missing = sorted(set(expected) - set(state))

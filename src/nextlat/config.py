@@ -113,6 +113,12 @@ class TrainConfig:
     """How many step checkpoints to keep (the final one is always kept)."""
     progress: bool = True
     """Show a progress bar."""
+    init_from: str = ""
+    """Checkpoint or run folder whose backbone weights start this run (and its objective's weights when the
+    objective settings are equal); a text task keeps that checkpoint's tokenizer. Empty: random initialisation."""
+    freeze_backbone: bool = False
+    """Train only the objective's own parameters, e.g. fit a NextLat dynamics model or MTP heads post hoc to
+    the trained backbone given by ``init_from``."""
 
 
 @dataclass
@@ -264,6 +270,10 @@ def validate_config(cfg: Config) -> None:
         (t.eval_every >= 0 and t.ckpt_every >= 0, "train.eval_every/ckpt_every", (t.eval_every, t.ckpt_every),
          "must be >= 0"),
         (t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, "must be >= 1"),
+        (not t.freeze_backbone or t.init_from, "train.freeze_backbone", t.freeze_backbone,
+         "needs train.init_from (a trained backbone to keep fixed)"),
+        (not t.freeze_backbone or o.name != "next_token", "train.freeze_backbone", t.freeze_backbone,
+         "objective next_token has no parameters of its own to train"),
     ]
     for ok, key, value, why in checks:
         if not ok:

@@ -23,12 +23,14 @@ import torch
 from tqdm.auto import tqdm
 
 from nextlat.checkpoint import (
+    Checkpoint,
     CheckpointError,
     atomic_write_text,
     list_checkpoints,
     load_trainer_state,
     load_weights,
     read_checkpoint,
+    resolve_checkpoint,
     save_checkpoint,
 )
 from nextlat.config import Config, ConfigError, TrainConfig
@@ -87,8 +89,6 @@ def build(cfg: Config, device: torch.device | str = "cpu", *, ckpt_dir: str | Pa
 
 def load_components(path: str | Path, device: torch.device | str = "cpu") -> tuple[Components, dict[str, Any]]:
     """Build the model and objective of a checkpoint and load its weights (strict, no pickle)."""
-    from nextlat.checkpoint import resolve_checkpoint
-
     ckpt = read_checkpoint(resolve_checkpoint(path))
     comps = build(ckpt.cfg, device, ckpt_dir=ckpt.path)
     load_weights(ckpt, comps.model, comps.objective)
@@ -122,8 +122,14 @@ class Trainer:
         self.out = Path(out_dir) if out_dir is not None else cfg.output_dir
         self.start_step = 0
         resume_from = self._check_out_dir(cfg, resume)
-        comps = build(cfg, self.device, ckpt_dir=resume_from)  # a resumed run keeps its checkpoint's tokenizer
+        init = read_checkpoint(resolve_checkpoint(t.init_from)) if t.init_from and resume_from is None else None
+        # A resumed or initialised run keeps its checkpoint's tokenizer.
+        comps = build(cfg, self.device, ckpt_dir=resume_from or (init.path if init else None))
         self.cfg, self.task, self.model, self.objective = comps.cfg, comps.task, comps.model, comps.objective
+        if init is not None:
+            _initialise(init, comps)
+        if t.freeze_backbone:
+            self.model.requires_grad_(False)
         self.modules = {"model": self.model, "objective": self.objective}
         self.optimizer = build_optimizer(self.modules, t)
         self.param_names = {id(p): name for name, p in named_parameters(self.modules)}
@@ -247,6 +253,17 @@ def optimizer_step(model: Transformer, objective: Objective, optimizer: torch.op
     optimizer.zero_grad(set_to_none=True)
     metrics["tokens"] = batch.num_tokens
     return metrics
+
+
+def _initialise(init: Checkpoint, comps: Components) -> None:
+    """Start from ``init``'s backbone, and from its objective's weights too when the objective settings are equal."""
+    where = f"train.init_from={comps.cfg.train.init_from!r}"
+    if init.cfg.model != comps.cfg.model:
+        raise CheckpointError(f"{where}: its model settings {dataclasses.asdict(init.cfg.model)} differ from this "
+                              f"run's {dataclasses.asdict(comps.cfg.model)}")
+    same_objective = init.cfg.objective == comps.cfg.objective
+    load_weights(init, comps.model, comps.objective if same_objective else None)
+    print(f"[nextlat] initialised from {init.path} (backbone{' and objective' if same_objective else ''})")
 
 
 def _check_compatible(saved: Config, new: Config) -> None:
