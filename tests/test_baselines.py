@@ -390,8 +390,19 @@ def test_pathstar_evaluates_bst_with_goal_conditioned_decoding(run_config):
     comps = build(run_config(**{"objective.name": "bst"}))
     out = comps.task.evaluate(comps.model, comps.objective, seed=0)
     L = comps.cfg.task.path_len
-    assert set(out) == {"acc_greedy", "acc_sampled", *(f"pos_acc_{k}" for k in range(1, L + 1))}
+    assert set(out) == {"acc_greedy", "acc_sampled", *(f"pos_acc_{k}" for k in range(1, L + 1)),
+                        *(f"back_acc_{k}" for k in range(1, L))}
     assert out[f"pos_acc_{L}"] == 1.0  # the goal comes from the suffix
+    # back_acc_k: the previous-token head's argmax for answer node k, after the prompt, before node k+1..EOS.
+    data = comps.task.test_data()
+    n, P = comps.cfg.task.eval_examples, data.prompt_len
+    seqs = data.seqs[:n]
+    for k in range(1, L):
+        with torch.no_grad():
+            f, _ = comps.model(seqs[:, :P])
+            b = comps.objective.suffix_state(seqs[:, P + k : P + L + 1], n)  # node k+1 .. goal, EOS
+            pred = comps.objective.prev_head(f[:, -1], b).argmax(-1)
+        assert out[f"back_acc_{k}"] == pytest.approx((pred == seqs[:, P + k - 1]).float().mean().item())
     assert comps.task.evaluate(comps.model, comps.objective, seed=0) == out
 
 

@@ -199,6 +199,13 @@ class BeliefState(Objective):
         b = self.suffix_state(suffix, input_ids.shape[0]).to(f.dtype)
         return self.next_head(f, b[:, None])
 
+    def prev_logits(self, model: Transformer, input_ids: Tensor, suffix: Tensor) -> Tensor:
+        """(B, T) prefixes, (B, S) suffixes -> (B, V) previous-token-head logits for the token just before the
+        suffix, given the whole prefix (its last state)."""
+        f, _ = model(input_ids)
+        b = self.suffix_state(suffix, input_ids.shape[0]).to(f.dtype)
+        return self.prev_head(f[:, -1], b)
+
     @torch.no_grad()
     def generate(self, model: Transformer, prompt: Tensor, max_new_tokens: int, *, suffix: Tensor | None = None,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,

@@ -189,7 +189,10 @@ class PathStarTask(Task):
 
         ``pos_acc_k`` is the accuracy of the k-th answer node given the true prefix (k = 1 is the
         source, copied from the prompt; k = 2 is the first real branch decision). An objective with
-        its own ``generate`` (BST) decodes towards the goal instead (:meth:`_goal_conditioned`).
+        its own ``generate`` (BST) decodes towards the goal instead (:meth:`_goal_conditioned`); one
+        with ``prev_logits`` also gets ``back_acc_k``: the accuracy of answer node k predicted backwards
+        from the prompt and the true rest of the path (node k + 1 .. goal, EOS), i.e. walking back from
+        the goal one parent at a time.
         """
         data = self.test_data()
         n = min(len(data), max_examples or self.cfg.eval_examples)
@@ -198,7 +201,8 @@ class PathStarTask(Task):
         model.eval()
         g = torch.Generator(device=device).manual_seed(seed)
         conditioned = getattr(objective, "generate", None) is not None
-        greedy_ok, sampled_ok, pos_ok = [], [], []
+        backward = getattr(objective, "prev_logits", None)
+        greedy_ok, sampled_ok, pos_ok, back_ok = [], [], [], []
         for start in range(0, n, self.EVAL_CHUNK):  # chunks bound the memory of large test sets
             seqs = data.seqs[start : min(n, start + self.EVAL_CHUNK)].to(device)
             prompt, answer = seqs[:, :P], seqs[:, P : P + L]
@@ -212,11 +216,18 @@ class PathStarTask(Task):
             greedy_ok.append((greedy == answer).all(-1))
             sampled_ok.append((sampled == answer).all(-1))
             pos_ok.append(teacher == answer)
+            if backward is not None:
+                eos = torch.full_like(answer[:, :1], self._tok.eos_id)
+                back_ok.append(torch.stack([backward(model, prompt, torch.cat([answer[:, k:], eos], 1)).argmax(-1)
+                                            == answer[:, k - 1] for k in range(1, L)], 1))
         out = {"acc_greedy": torch.cat(greedy_ok).float().mean().item(),
                "acc_sampled": torch.cat(sampled_ok).float().mean().item()}
         per_pos = torch.cat(pos_ok).float().mean(0)
         for k in range(L):
             out[f"pos_acc_{k + 1}"] = per_pos[k].item()
+        if back_ok:
+            for k, acc in enumerate(torch.cat(back_ok).float().mean(0).tolist(), start=1):
+                out[f"back_acc_{k}"] = acc
         model.train(was_training)
         return out
 
