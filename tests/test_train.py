@@ -221,3 +221,14 @@ def test_init_from_errors_name_the_bad_value(run_config, tmp_path):
         run_config(**{"train.freeze_backbone": True})
     with pytest.raises(ConfigError, match="freeze_backbone.*next_token"):
         run_config(**{"train.freeze_backbone": True, "train.init_from": "x", "objective.name": "next_token"})
+
+
+def test_two_trainers_never_share_a_run_folder(run_config, tmp_path):
+    cfg = run_config(**{"train.steps": 2, "train.ckpt_every": 1})
+    first = Trainer(cfg, out_dir=tmp_path)
+    with pytest.raises(ConfigError, match="being trained by another process"):
+        Trainer(cfg, out_dir=tmp_path, resume=True)
+    first.fit()  # unharmed by the refused second trainer; fit releases the folder when it ends
+    again = Trainer(cfg, out_dir=tmp_path, resume=True)
+    assert again.start_step == 2
+    again.close()

@@ -12,12 +12,18 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory file locks
+    fcntl = None
 
 import torch
 from tqdm.auto import tqdm
@@ -122,6 +128,7 @@ class Trainer:
         self.out = Path(out_dir) if out_dir is not None else cfg.output_dir
         self.start_step = 0
         resume_from = self._check_out_dir(cfg, resume)
+        self._lock = _lock_run_folder(self.out)
         init = read_checkpoint(resolve_checkpoint(t.init_from)) if t.init_from and resume_from is None else None
         # A resumed or initialised run keeps its checkpoint's tokenizer.
         comps = build(cfg, self.device, ckpt_dir=resume_from or (init.path if init else None))
@@ -187,7 +194,19 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
 
+    def close(self) -> None:
+        """Release the run folder for other processes (``fit`` does this when it ends)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
     def fit(self) -> dict[str, Any]:
+        try:
+            return self._fit()
+        finally:
+            self.close()
+
+    def _fit(self) -> dict[str, Any]:
         t = self.cfg.train
         self.model.train()
         n_params = sum(p.numel() for p in self.model.parameters())
@@ -253,6 +272,28 @@ def optimizer_step(model: Transformer, objective: Objective, optimizer: torch.op
     optimizer.zero_grad(set_to_none=True)
     metrics["tokens"] = batch.num_tokens
     return metrics
+
+
+def _lock_run_folder(out: Path) -> IO[str] | None:
+    """Hold an exclusive advisory lock on ``out/.lock`` so that two processes never train into one folder.
+
+    The operating system drops the lock when the process ends, however it ends, so a crashed run never
+    leaves a stale lock behind. Without ``fcntl`` (Windows) no lock is taken."""
+    if fcntl is None:
+        return None
+    handle = open(out / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "unknown"
+        handle.close()
+        raise ConfigError(f"run folder {str(out)!r} is being trained by another process (pid {owner}); "
+                          "wait for it or choose another out_dir (nothing was touched)") from None
+    handle.truncate(0)
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
 
 
 def _initialise(init: Checkpoint, comps: Components) -> None:
