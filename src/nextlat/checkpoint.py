@@ -182,6 +182,13 @@ def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{file}: corrupt or unreadable safetensors file ({e})") from None
 
 
+def objective_fits(ckpt: Checkpoint, objective: nn.Module) -> bool:
+    """Whether the checkpoint's objective weights have exactly ``objective``'s parameter names and shapes."""
+    state = _load_tensors(ckpt.path / "objective.safetensors")
+    expected = objective.state_dict()
+    return state.keys() == expected.keys() and all(v.shape == expected[k].shape for k, v in state.items())
+
+
 def load_weights(ckpt: Checkpoint, model: nn.Module, objective: nn.Module | None) -> None:
     """Load weights strictly: every key present, none extra, every shape equal. ``objective=None`` loads
     only the backbone."""

@@ -114,8 +114,9 @@ class TrainConfig:
     progress: bool = True
     """Show a progress bar."""
     init_from: str = ""
-    """Checkpoint or run folder whose backbone weights start this run (and its objective's weights when the
-    objective settings are equal); a text task keeps that checkpoint's tokenizer. Empty: random initialisation."""
+    """Checkpoint or run folder whose backbone weights start this run (and its objective's weights when they
+    fit: same objective, same parameter names and shapes); a text task keeps that checkpoint's tokenizer.
+    Empty: random initialisation."""
     freeze_backbone: bool = False
     """Train only the objective's own parameters, e.g. fit a NextLat dynamics model or MTP heads post hoc to
     the trained backbone given by ``init_from``."""

@@ -35,6 +35,7 @@ from nextlat.checkpoint import (
     list_checkpoints,
     load_trainer_state,
     load_weights,
+    objective_fits,
     read_checkpoint,
     resolve_checkpoint,
     save_checkpoint,
@@ -297,14 +298,16 @@ def _lock_run_folder(out: Path) -> IO[str] | None:
 
 
 def _initialise(init: Checkpoint, comps: Components) -> None:
-    """Start from ``init``'s backbone, and from its objective's weights too when the objective settings are equal."""
+    """Start from ``init``'s backbone, and from its objective's weights too when they fit this run's objective
+    (same objective with the same parameter names and shapes, e.g. a NextLat dynamics model trained at
+    another horizon or loss weight); otherwise the objective starts fresh."""
     where = f"train.init_from={comps.cfg.train.init_from!r}"
     if init.cfg.model != comps.cfg.model:
         raise CheckpointError(f"{where}: its model settings {dataclasses.asdict(init.cfg.model)} differ from this "
                               f"run's {dataclasses.asdict(comps.cfg.model)}")
-    same_objective = init.cfg.objective == comps.cfg.objective
-    load_weights(init, comps.model, comps.objective if same_objective else None)
-    print(f"[nextlat] initialised from {init.path} (backbone{' and objective' if same_objective else ''})")
+    with_objective = init.cfg.objective.name == comps.cfg.objective.name and objective_fits(init, comps.objective)
+    load_weights(init, comps.model, comps.objective if with_objective else None)
+    print(f"[nextlat] initialised from {init.path} (backbone{' and objective' if with_objective else ''})")
 
 
 def _check_compatible(saved: Config, new: Config) -> None:
