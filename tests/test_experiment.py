@@ -68,6 +68,9 @@ def test_run_experiment_tabulates_every_seed_and_skips_finished_runs(tiny_experi
     (out / "nl" / "seed_0" / "results.json").unlink()
     res = report("tiny", "cpu", [0, 1], out)
     assert {r["label"]: r["metrics"]["acc_greedy"]["n"] for r in res["rows"]} == {"GPT": 2, "NextLat d=2": 1}
+    # Finished runs trained with other settings (another objective weight here) are refused, not counted.
+    with pytest.raises(ConfigError, match="gpt/seed_0 holds a finished run with other settings"):
+        run_experiment("tiny", seeds=[0], parallel=1, out=out, overrides=["train.lr=0.5"])
 
 
 def test_cli_experiment_errors_exit_2(capsys):
@@ -140,6 +143,10 @@ def test_manhattan_experiment_on_a_given_graph_draws_maps(tmp_path, monkeypatch,
     assert set(result["maps"]) == {"GPT", "NextLat d=8"}
     assert (out / "map_gpt.png").stat().st_size > 0 and (out / "map_nl.png").stat().st_size > 0
     assert "| NextLat d=8 | 1 |" in (out / "results.md").read_text()
+    # Without --out, runs on a given graph get their own folder, apart from the procedural city's runs.
+    monkeypatch.chdir(tmp_path)
+    assert main(["experiment", "manhattan", "--seeds", "1", "--graph", str(graph), "--report"]) == 2
+    assert "runs/experiments/manhattan-cpu-town" in capsys.readouterr().err
     assert main(["experiment", "a5", "--graph", str(graph)]) == 2
     assert main(["experiment", "manhattan", "--graph", str(tmp_path / "missing.json")]) == 2
     assert "missing.json" in capsys.readouterr().err

@@ -93,7 +93,9 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise ValueError(f"--seeds {args.seeds}: must be >= 1")
     seeds = list(range(args.seeds))
-    out = Path(args.out or f"runs/experiments/{args.name}-{args.scale}")
+    # Runs on a given graph get their own default folder, apart from the procedural city's.
+    graph_tag = f"-{Path(args.graph).stem}" if args.graph else ""
+    out = Path(args.out or f"runs/experiments/{args.name}-{args.scale}{graph_tag}")
     overrides = list(args.set)
     if args.graph:
         if args.name != "manhattan":
@@ -102,6 +104,8 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"--graph {args.graph!r}: no such file")
         overrides.append(f"task.graph={Path(args.graph).resolve()}")
     if args.report:
+        if not out.is_dir():
+            raise FileNotFoundError(f"--report: no experiment folder {str(out)!r}; run the experiment first or pass --out")
         report(args.name, args.scale, seeds, out)
     else:
         run_experiment(args.name, scale=args.scale, seeds=seeds, parallel=args.jobs, out=out, overrides=overrides)
@@ -208,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1) per objective")
     x.add_argument("--jobs", type=int, default=1, help="runs trained at once (CPU threads are split among them)")
     x.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override applied to every run")
-    x.add_argument("--out", help="experiment folder (default runs/experiments/<name>-<scale>)")
+    x.add_argument("--out", help="experiment folder (default runs/experiments/<name>-<scale>, "
+                                 "then -<graph file name> with --graph)")
     x.add_argument("--graph", help="manhattan: street graph JSON ({'edges': [[node, dir, node], ...]}); "
                    "default: the procedural city")
     x.add_argument("--report", action="store_true", help="only rewrite the table and figures from finished runs")

@@ -44,6 +44,9 @@ def run_jobs(jobs: list[Job], parallel: int = 1) -> list[Job]:
     if parallel < 1:
         raise ValueError(f"parallel={parallel}: must be >= 1")
     threads = max(1, (os.cpu_count() or 1) // parallel)
+    for job in jobs:
+        if job.done:
+            check_finished(job)
     pending = [j for j in jobs if not j.done]
     running: list[tuple[Job, subprocess.Popen, Any]] = []
     failed: list[Job] = []
@@ -80,6 +83,23 @@ def run_sweep(recipe: str, seeds: list[int], overrides: list[str], out: Path, jo
     if failed:
         raise RuntimeError(f"seeds {[j.seed for j in failed]} failed; the summary covers the others")
     return summary
+
+
+def check_finished(job: Job) -> None:
+    """Refuse to count a finished run that was trained with other settings than ``job`` asks for (e.g. another
+    graph or objective in the same folder); an unfinished one is checked by ``nextlat train --resume``."""
+    from nextlat.checkpoint import CheckpointError
+    from nextlat.config import ConfigError, config_from_dict, load_config, read_yaml
+    from nextlat.train import check_compatible
+
+    planned = load_config(job.recipe, [*job.overrides, f"train.seed={job.seed}"])
+    saved = config_from_dict(read_yaml(job.run_dir / "config.yaml"))
+    try:
+        check_compatible(saved, planned)
+    except CheckpointError as e:
+        raise ConfigError(f"{job.run_dir} holds a finished run with other settings than planned "
+                          f"({str(e).removeprefix('cannot resume: ')}); move it away or choose another output "
+                          "folder") from None
 
 
 def is_finished(run_dir: Path) -> bool:

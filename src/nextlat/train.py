@@ -166,7 +166,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             return None  # nothing to resume: start fresh
         saved = read_checkpoint(existing[-1]).cfg
-        _check_compatible(saved, cfg)
+        check_compatible(saved, cfg)
         return existing[-1]
 
     # ------------------------------------------------------------------ steps
@@ -310,8 +310,12 @@ def _initialise(init: Checkpoint, comps: Components) -> None:
     print(f"[nextlat] initialised from {init.path} (backbone{' and objective' if with_objective else ''})")
 
 
-def _check_compatible(saved: Config, new: Config) -> None:
+def check_compatible(saved: Config, new: Config) -> None:
+    """Raise CheckpointError if ``new`` changes anything of ``saved`` that a resumed run must keep (everything but
+    the run's name and the train settings in RESUMABLE_CHANGES)."""
     a, b = saved.to_dict(), new.to_dict()
+    a.pop("run_name", None)
+    b.pop("run_name", None)
     b["model"]["vocab_size"] = a["model"]["vocab_size"] if b["model"]["vocab_size"] == 0 else b["model"]["vocab_size"]
     for section in a:
         if section == "train":
