@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nextlat.checkpoint import atomic_write_text
+from nextlat.checkpoint import CheckpointError, atomic_write_text
+from nextlat.config import ConfigError, config_from_dict, load_config, read_yaml
 
 
 @dataclass(frozen=True)
@@ -88,9 +89,7 @@ def run_sweep(recipe: str, seeds: list[int], overrides: list[str], out: Path, jo
 def check_finished(job: Job) -> None:
     """Refuse to count a finished run that was trained with other settings than ``job`` asks for (e.g. another
     graph or objective in the same folder); an unfinished one is checked by ``nextlat train --resume``."""
-    from nextlat.checkpoint import CheckpointError
-    from nextlat.config import ConfigError, config_from_dict, load_config, read_yaml
-    from nextlat.train import check_compatible
+    from nextlat.train import check_compatible  # local: the trainer pulls in every task and objective
 
     planned = load_config(job.recipe, [*job.overrides, f"train.seed={job.seed}"])
     saved = config_from_dict(read_yaml(job.run_dir / "config.yaml"))
@@ -98,7 +97,7 @@ def check_finished(job: Job) -> None:
         check_compatible(saved, planned)
     except CheckpointError as e:
         raise ConfigError(f"{job.run_dir} holds a finished run with other settings than planned "
-                          f"({str(e).removeprefix('cannot resume: ')}); move it away or choose another output "
+                          f"({e}); move it away or choose another output "
                           "folder") from None
 
 

@@ -166,7 +166,10 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             return None  # nothing to resume: start fresh
         saved = read_checkpoint(existing[-1]).cfg
-        check_compatible(saved, cfg)
+        try:
+            check_compatible(saved, cfg)
+        except CheckpointError as e:
+            raise CheckpointError(f"cannot resume: {e}") from None
         return existing[-1]
 
     # ------------------------------------------------------------------ steps
@@ -321,9 +324,9 @@ def check_compatible(saved: Config, new: Config) -> None:
         if section == "train":
             for k in a[section]:
                 if k not in RESUMABLE_CHANGES and a[section][k] != b[section][k]:
-                    raise CheckpointError(f"cannot resume: train.{k} changed from {a[section][k]!r} to {b[section][k]!r}")
+                    raise CheckpointError(f"train.{k} changed from {a[section][k]!r} to {b[section][k]!r}")
         elif a[section] != b[section]:
-            raise CheckpointError(f"cannot resume: '{section}' differs from the checkpoint's configuration "
+            raise CheckpointError(f"'{section}' differs from the checkpoint's configuration "
                                   f"({a[section]!r} vs {b[section]!r})")
 
 

@@ -199,12 +199,13 @@ class BeliefState(Objective):
         b = self.suffix_state(suffix, input_ids.shape[0]).to(f.dtype)
         return self.next_head(f, b[:, None])
 
-    def prev_logits(self, model: Transformer, input_ids: Tensor, suffix: Tensor) -> Tensor:
-        """(B, T) prefixes, (B, S) suffixes -> (B, V) previous-token-head logits for the token just before the
-        suffix, given the whole prefix (its last state)."""
+    def prev_logits(self, model: Transformer, input_ids: Tensor, suffixes: list[Tensor]) -> Tensor:
+        """(B, T) prefixes and K suffixes (B, S_k) -> (B, K, V) previous-token-head logits for the token just
+        before each suffix, given the whole prefix (its last state, encoded once)."""
         f, _ = model(input_ids)
-        b = self.suffix_state(suffix, input_ids.shape[0]).to(f.dtype)
-        return self.prev_head(f[:, -1], b)
+        f_last = f[:, -1]
+        return torch.stack([self.prev_head(f_last, self.suffix_state(s, input_ids.shape[0]).to(f.dtype))
+                            for s in suffixes], 1)
 
     @torch.no_grad()
     def generate(self, model: Transformer, prompt: Tensor, max_new_tokens: int, *, suffix: Tensor | None = None,

@@ -217,9 +217,9 @@ class PathStarTask(Task):
             sampled_ok.append((sampled == answer).all(-1))
             pos_ok.append(teacher == answer)
             if backward is not None:
-                eos = torch.full_like(answer[:, :1], self._tok.eos_id)
-                back_ok.append(torch.stack([backward(model, prompt, torch.cat([answer[:, k:], eos], 1)).argmax(-1)
-                                            == answer[:, k - 1] for k in range(1, L)], 1))
+                rest = torch.cat([answer, torch.full_like(answer[:, :1], self._tok.eos_id)], 1)  # answer, EOS
+                back = backward(model, prompt, [rest[:, k:] for k in range(1, L)]).argmax(-1)  # (B, L - 1)
+                back_ok.append(back == answer[:, : L - 1])
         out = {"acc_greedy": torch.cat(greedy_ok).float().mean().item(),
                "acc_sampled": torch.cat(sampled_ok).float().mean().item()}
         per_pos = torch.cat(pos_ok).float().mean(0)
