@@ -68,7 +68,7 @@ def test_run_experiment_tabulates_every_seed_and_skips_finished_runs(tiny_experi
     (out / "nl" / "seed_0" / "results.json").unlink()
     res = report("tiny", "cpu", [0, 1], out)
     assert {r["label"]: r["metrics"]["acc_greedy"]["n"] for r in res["rows"]} == {"GPT": 2, "NextLat d=2": 1}
-    # Finished runs trained with other settings (another objective weight here) are refused, not counted.
+    # Finished runs trained with other settings (another learning rate here) are refused, not counted.
     with pytest.raises(ConfigError, match="gpt/seed_0 holds a finished run with other settings"):
         run_experiment("tiny", seeds=[0], parallel=1, out=out, overrides=["train.lr=0.5"])
 

@@ -88,21 +88,20 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def _cmd_experiment(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from nextlat.experiment import report, run_experiment
+    from nextlat.experiment import default_folder, report, run_experiment
 
     if args.seeds < 1:
         raise ValueError(f"--seeds {args.seeds}: must be >= 1")
     seeds = list(range(args.seeds))
-    # Runs on a given graph get their own default folder, apart from the procedural city's.
-    graph_tag = f"-{Path(args.graph).stem}" if args.graph else ""
-    out = Path(args.out or f"runs/experiments/{args.name}-{args.scale}{graph_tag}")
+    out = Path(args.out or default_folder(args.name, args.scale, args.graph))
     overrides = list(args.set)
     if args.graph:
+        graph = Path(args.graph)
         if args.name != "manhattan":
             raise ValueError(f"--graph applies to the manhattan experiment, not {args.name!r}")
-        if not Path(args.graph).is_file():
+        if not graph.is_file():
             raise FileNotFoundError(f"--graph {args.graph!r}: no such file")
-        overrides.append(f"task.graph={Path(args.graph).resolve()}")
+        overrides.append(f"task.graph={graph.resolve()}")
     if args.report:
         if not out.is_dir():
             raise FileNotFoundError(f"--report: no experiment folder {str(out)!r}; run the experiment first or pass --out")

@@ -209,9 +209,16 @@ def plan(name: str, scale: str, seeds: list[int], out: Path, overrides: list[str
     return [Job(out / arm.slug / f"seed_{s}", arm.recipe, s, (*arm.overrides, *overrides)) for s in seeds for arm in arms]
 
 
+def default_folder(name: str, scale: str, graph: str | Path | None = None) -> Path:
+    """``runs/experiments/<name>-<scale>``, then ``-<graph file name>`` for runs on a given street graph (so
+    they never share a folder with the procedural city's runs)."""
+    tag = f"-{Path(graph).stem}" if graph else ""
+    return Path(f"runs/experiments/{name}-{scale}{tag}")
+
+
 def run_experiment(name: str, *, scale: str = "cpu", seeds: list[int] = (0, 1, 2), parallel: int = 1,
                    out: Path | None = None, overrides: list[str] = ()) -> dict[str, Any]:
-    out = Path(out or f"runs/experiments/{name}-{scale}")
+    out = Path(out or default_folder(name, scale))
     jobs = plan(name, scale, list(seeds), out, overrides)
     out.mkdir(parents=True, exist_ok=True)
     failed = run_jobs(jobs, parallel)
