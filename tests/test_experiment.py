@@ -38,6 +38,16 @@ def test_plan_is_seed_major_and_checks_recipes(tiny_experiment, tmp_path):
         plan("mystery", "cpu", [0], tmp_path / "exp")
 
 
+def test_plan_trains_the_named_arms_in_the_given_order(tiny_experiment, tmp_path):
+    jobs = plan("tiny", "cpu", [0, 1], tmp_path / "exp", arms=["nl", "gpt"])
+    assert [(j.run_dir.parent.name, j.seed) for j in jobs] == [("nl", 0), ("gpt", 0), ("nl", 1), ("gpt", 1)]
+    assert [j.run_dir.parent.name for j in plan("tiny", "cpu", [0], tmp_path / "exp", arms=["nl"])] == ["nl"]
+    with pytest.raises(ConfigError, match=r"'bst': not an arm of this experiment; choose from gpt, nl"):
+        plan("tiny", "cpu", [0], tmp_path / "exp", arms=["bst"])
+    with pytest.raises(ConfigError, match="named twice"):
+        plan("tiny", "cpu", [0], tmp_path / "exp", arms=["nl", "nl"])
+
+
 def test_run_experiment_tabulates_every_seed_and_skips_finished_runs(tiny_experiment, tmp_path):
     out = tmp_path / "exp"
     result = run_experiment("tiny", seeds=[0, 1], parallel=2, out=out)
@@ -71,6 +81,14 @@ def test_run_experiment_tabulates_every_seed_and_skips_finished_runs(tiny_experi
     # Finished runs trained with other settings (another learning rate here) are refused, not counted.
     with pytest.raises(ConfigError, match="gpt/seed_0 holds a finished run with other settings"):
         run_experiment("tiny", seeds=[0], parallel=1, out=out, overrides=["train.lr=0.5"])
+
+
+def test_cli_experiment_trains_only_the_named_arms(tiny_experiment, tmp_path, capsys):
+    out = tmp_path / "exp"
+    assert main(["experiment", "tiny", "--seeds", "1", "--arms", "nl", "--out", str(out)]) == 0
+    assert (out / "nl" / "seed_0" / "results.json").is_file() and not (out / "gpt").exists()
+    assert main(["experiment", "tiny", "--arms", "bst", "--out", str(out)]) == 2
+    assert "choose from gpt, nl" in capsys.readouterr().err
 
 
 def test_cli_experiment_errors_exit_2(capsys):

@@ -107,7 +107,8 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"--report: no experiment folder {str(out)!r}; run the experiment first or pass --out")
         report(args.name, args.scale, seeds, out)
     else:
-        run_experiment(args.name, scale=args.scale, seeds=seeds, parallel=args.jobs, out=out, overrides=overrides)
+        run_experiment(args.name, scale=args.scale, seeds=seeds, parallel=args.jobs, out=out, overrides=overrides,
+                       arms=args.arms)
     print(f"[experiment] table: {out / 'results.md'}", file=sys.stderr)
     return 0
 
@@ -215,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  "then -<graph file name> with --graph)")
     x.add_argument("--graph", help="manhattan: street graph JSON ({'edges': [[node, dir, node], ...]}); "
                    "default: the procedural city")
+    x.add_argument("--arms", nargs="+", metavar="ARM", help="train only these arms, in this order (folder names, "
+                   "e.g. next-token next-latent-d8); the table still covers every finished run")
     x.add_argument("--report", action="store_true", help="only rewrite the table and figures from finished runs")
     x.set_defaults(func=_cmd_experiment)
 

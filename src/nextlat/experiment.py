@@ -199,11 +199,26 @@ def get_experiment(name: str) -> Experiment:
     return EXPERIMENTS[name]
 
 
-def plan(name: str, scale: str, seeds: list[int], out: Path, overrides: list[str] = ()) -> list[Job]:
-    """The runs of an experiment, seed-major (every arm's first seed comes before any second seed)."""
+def select_arms(arms: list[Arm], slugs: list[str] | None) -> list[Arm]:
+    """The arms named by ``slugs``, in that order (all arms when ``slugs`` is None)."""
+    if slugs is None:
+        return arms
+    by_slug = {a.slug: a for a in arms}
+    for slug in slugs:
+        if slug not in by_slug:
+            raise ConfigError(f"--arms {slug!r}: not an arm of this experiment; choose from {', '.join(by_slug)}")
+    if len(set(slugs)) != len(slugs):
+        raise ConfigError(f"--arms {' '.join(slugs)}: an arm is named twice")
+    return [by_slug[s] for s in slugs]
+
+
+def plan(name: str, scale: str, seeds: list[int], out: Path, overrides: list[str] = (),
+         arms: list[str] | None = None) -> list[Job]:
+    """The runs of an experiment, seed-major (every arm's first seed comes before any second seed).
+    ``arms`` restricts and orders the arms by folder name (e.g. cheap arms first)."""
     if scale not in SCALES:
         raise ConfigError(f"--scale {scale!r}: choose from {', '.join(SCALES)}")
-    arms = get_experiment(name).arms(scale)
+    arms = select_arms(get_experiment(name).arms(scale), arms)
     for arm in arms:  # fail fast on a bad recipe or override before anything trains
         load_config(arm.recipe, [*arm.overrides, *overrides])
     return [Job(out / arm.slug / f"seed_{s}", arm.recipe, s, (*arm.overrides, *overrides)) for s in seeds for arm in arms]
@@ -217,9 +232,11 @@ def default_folder(name: str, scale: str, graph: str | Path | None = None) -> Pa
 
 
 def run_experiment(name: str, *, scale: str = "cpu", seeds: list[int] = (0, 1, 2), parallel: int = 1,
-                   out: Path | None = None, overrides: list[str] = ()) -> dict[str, Any]:
+                   out: Path | None = None, overrides: list[str] = (), arms: list[str] | None = None) -> dict[str, Any]:
+    """Train the experiment's runs that have not finished, then tabulate every finished run (all arms, also
+    those left out by ``arms``)."""
     out = Path(out or default_folder(name, scale))
-    jobs = plan(name, scale, list(seeds), out, overrides)
+    jobs = plan(name, scale, list(seeds), out, overrides, arms)
     out.mkdir(parents=True, exist_ok=True)
     failed = run_jobs(jobs, parallel)
     result = report(name, scale, list(seeds), out)
