@@ -85,8 +85,12 @@ def test_run_experiment_tabulates_every_seed_and_skips_finished_runs(tiny_experi
 
 def test_cli_experiment_trains_only_the_named_arms(tiny_experiment, tmp_path, capsys):
     out = tmp_path / "exp"
-    assert main(["experiment", "tiny", "--seeds", "1", "--arms", "nl", "--out", str(out)]) == 0
+    assert main(["experiment", "tiny", "--seeds", "1", "--arms", "nl", "--out", str(out), "--set", "train.threads=1"]) == 0
     assert (out / "nl" / "seed_0" / "results.json").is_file() and not (out / "gpt").exists()
+    import yaml
+
+    # the user's thread count wins over the experiment's default share of the cores
+    assert yaml.safe_load((out / "nl" / "seed_0" / "config.yaml").read_text())["train"]["threads"] == 1
     assert main(["experiment", "tiny", "--arms", "bst", "--out", str(out)]) == 2
     assert "choose from gpt, nl" in capsys.readouterr().err
 

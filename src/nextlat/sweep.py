@@ -56,8 +56,9 @@ def run_jobs(jobs: list[Job], parallel: int = 1) -> list[Job]:
             job = pending.pop(0)
             job.run_dir.mkdir(parents=True, exist_ok=True)
             cmd = [sys.executable, "-m", "nextlat.cli", "train", job.recipe, "--resume", "--out", str(job.run_dir),
+                   "--set", f"train.threads={threads}",  # first, so that a train.threads of the user's wins
                    *sum((["--set", o] for o in job.overrides), []),
-                   "--set", f"train.seed={job.seed}", "--set", f"train.threads={threads}", "--set", "train.progress=false"]
+                   "--set", f"train.seed={job.seed}", "--set", "train.progress=false"]
             log = open(job.run_dir / "train.log", "a")
             print(f"[runs] start {job.run_dir}: {' '.join(cmd[3:])}", flush=True)
             running.append((job, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
