@@ -10,6 +10,7 @@ import yaml
 from nextlat.cli import main
 from nextlat.config import (
     Config,
+    ObjectiveConfig,
     ConfigError,
     config_from_dict,
     load_config,
@@ -151,3 +152,48 @@ def test_cli_train_bad_recipe_exits_2_with_message(tmp_path, capsys):
     assert "missing.yaml" in capsys.readouterr().err
     assert main(["train", "pathstar-demo", "--set", "model.n_head=3", "--out", str(tmp_path / "run")]) == 2
     assert "model.n_head=3" in capsys.readouterr().err
+
+
+def test_base_recipe_lays_the_child_over_it(tmp_path):
+    # sections merge key by key; another objective name replaces the base's objective section whole
+    (tmp_path / "parent.yaml").write_text(
+        "model: {n_layer: 2, n_head: 2, d_model: 32}\n"
+        "objective: {name: next_latent, horizon: 3, lambda_kl: 0.5}\n"
+        "train: {steps: 7, lr: 0.01}\n")
+    child = _write(tmp_path, "base: parent.yaml\nobjective: {name: mtp, horizon: 2}\ntrain: {steps: 9}\n")
+    cfg = load_config(child)
+    assert (cfg.model.n_layer, cfg.model.d_model) == (2, 32)
+    assert (cfg.train.steps, cfg.train.lr) == (9, 0.01)
+    assert cfg.objective.name == "mtp" and cfg.objective.horizon == 2
+    assert cfg.objective.lambda_kl == ObjectiveConfig().lambda_kl  # not the next_latent base's 0.5
+    # the same objective name merges: only the horizon changes
+    same = tmp_path / "same.yaml"
+    same.write_text("base: parent.yaml\nobjective: {horizon: 5}\n")
+    assert (load_config(str(same)).objective.lambda_kl, load_config(str(same)).objective.horizon) == (0.5, 5)
+    # overrides apply on top of the merged recipe
+    assert load_config(child, ["train.steps=11"]).train.steps == 11
+
+
+def test_shipped_recipes_with_a_base_equal_their_base_but_for_what_they_set():
+    child, base = load_config("a5-cpu-next-token-long"), load_config("a5-cpu-next-token")
+    assert (child.task.train_len, child.train.steps) == (18, 5334)
+    assert child.model == base.model and child.objective == base.objective
+    mtp = load_config("pathstar-cpu-mtp")
+    assert mtp.task == load_config("pathstar-cpu-next-token").task and mtp.objective.name == "mtp"
+
+
+@pytest.mark.parametrize(
+    "files, pattern",
+    [
+        ({"a.yaml": "base: b.yaml\n", "b.yaml": "base: a.yaml\n"}, r"recipe bases form a cycle: a\.yaml -> b\.yaml -> a\.yaml"),
+        ({"a.yaml": "base: gone.yaml\n"}, r"base 'gone\.yaml': no such file"),
+        ({"a.yaml": "base: no-such-recipe\n"}, r"a\.yaml: base: unknown recipe 'no-such-recipe'"),
+        ({"a.yaml": "base: [1, 2]\n"}, r"base=\[1, 2\] must be a recipe name or a YAML path"),
+        ({"a.yaml": "base: b.yaml\n", "b.yaml": "train: {lrr: 1}\n"}, r"unknown key train\.lrr"),
+    ],
+)
+def test_bad_bases_give_clear_errors(tmp_path, files, pattern):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(str(tmp_path / "a.yaml"))

@@ -334,8 +334,53 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """``child`` laid over ``base``: sections merge key by key, any other value replaces.
+
+    A section that names another ``name`` than the base's (another objective or task) replaces
+    the base's section whole: the base's settings for the other kind would not apply.
+    """
+    out = dict(base)
+    for key, value in child.items():
+        below = out.get(key)
+        sections = isinstance(value, dict) and isinstance(below, dict)
+        if sections and value.get("name", below.get("name")) == below.get("name"):
+            out[key] = merge(below, value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_recipe(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A recipe's settings with its ``base:`` (if any) laid underneath, recursively.
+
+    ``base`` names a shipped recipe, or a YAML path relative to the recipe that names it; the
+    recipe's own sections are laid over the base's (see :func:`merge`).
+    """
+    path = Path(path).resolve()
+    if path in _chain:
+        cycle = " -> ".join(p.name for p in (*_chain, path))
+        raise ConfigError(f"recipe bases form a cycle: {cycle}")
+    data = read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: base={base!r} must be a recipe name or a YAML path")
+    if Path(base).suffix in (".yaml", ".yml"):
+        base_path = path.parent / base
+        if not base_path.is_file():
+            raise ConfigError(f"{path}: base {base!r}: no such file {str(base_path)!r}")
+    else:
+        try:
+            base_path = resolve_recipe(base)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: base: {e}") from None
+    return merge(read_recipe(base_path, (*_chain, path)), data)
+
+
 def load_config(recipe: str | None = None, overrides: list[str] | None = None) -> Config:
-    data = read_yaml(resolve_recipe(recipe)) if recipe else {}
+    data = read_recipe(resolve_recipe(recipe)) if recipe else {}
     for assignment in overrides or []:
         set_dotted(data, assignment)
     try:
