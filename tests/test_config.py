@@ -10,8 +10,8 @@ import yaml
 from nextlat.cli import main
 from nextlat.config import (
     Config,
-    ObjectiveConfig,
     ConfigError,
+    ObjectiveConfig,
     config_from_dict,
     load_config,
     recipe_names,
@@ -185,7 +185,8 @@ def test_shipped_recipes_with_a_base_equal_their_base_but_for_what_they_set():
 @pytest.mark.parametrize(
     "files, pattern",
     [
-        ({"a.yaml": "base: b.yaml\n", "b.yaml": "base: a.yaml\n"}, r"recipe bases form a cycle: a\.yaml -> b\.yaml -> a\.yaml"),
+        ({"a.yaml": "base: b.yaml\n", "b.yaml": "base: a.yaml\n"},
+         r"recipe bases form a cycle: a\.yaml -> b\.yaml -> a\.yaml"),
         ({"a.yaml": "base: gone.yaml\n"}, r"base 'gone\.yaml': no such file"),
         ({"a.yaml": "base: no-such-recipe\n"}, r"a\.yaml: base: unknown recipe 'no-such-recipe'"),
         ({"a.yaml": "base: [1, 2]\n"}, r"base=\[1, 2\] must be a recipe name or a YAML path"),
