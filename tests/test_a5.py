@@ -200,7 +200,27 @@ def test_evaluate_scores_a_perfect_model_and_dynamics_as_one():
             return torch.nn.functional.one_hot(MUL[h.argmax(-1), next_emb.argmax(-1)], 60).float()
 
     out = task.evaluate(Oracle(), PerfectDynamics())
-    assert out == {f"{k}@{L}": 1.0 for L in (3, 7) for k in ("acc", "acc_last", "rnn_acc", "rnn_acc_last")}
+    # every state is a one-hot of norm 1, so the RNN's states keep the transformer's scale exactly
+    keys = ("acc", "acc_last", "rnn_acc", "rnn_acc_last", "rnn_norm_ratio")
+    assert out == {f"{k}@{L}": 1.0 for L in (3, 7) for k in keys}
+
+
+def test_rnn_norm_ratio_measures_drift_off_the_trained_states():
+    """A dynamics model that doubles the state each step ends 2^(L-1) times the first state's norm."""
+    comps = build(tiny())
+    model, task = comps.model.eval(), comps.task
+    L, T = task.cfg.eval_lengths[-1], task.cfg.train_len
+
+    class Doubling(torch.nn.Module):
+        def dynamics(self, h, next_emb):
+            return 2 * h
+
+    out = task.evaluate(model, Doubling())
+    words = task.test_data(L).inputs.long()
+    with torch.no_grad():
+        first = model(words[:, :1])[0][:, 0].norm(dim=-1).mean()
+        trained = model(words[:, :T])[0].norm(dim=-1).mean()
+    assert out[f"rnn_norm_ratio@{L}"] == pytest.approx((2 ** (L - 1) * first / trained).item(), rel=1e-4)
 
 
 def test_evaluate_keys_and_state():
@@ -208,8 +228,10 @@ def test_evaluate_keys_and_state():
     model, objective, task = comps.model, comps.objective, comps.task
     model.train()
     out = task.evaluate(model, objective)
-    assert set(out) == {f"{k}@{L}" for L in (6, 10) for k in ("acc", "acc_last", "rnn_acc", "rnn_acc_last")}
-    assert all(0.0 <= v <= 1.0 for v in out.values())
+    keys = ("acc", "acc_last", "rnn_acc", "rnn_acc_last", "rnn_norm_ratio")
+    assert set(out) == {f"{k}@{L}" for L in (6, 10) for k in keys}
+    assert all(0.0 <= v <= 1.0 for k, v in out.items() if "norm" not in k)
+    assert all(v > 0 for k, v in out.items() if "norm" in k)
     assert model.training and objective.training
     assert task.evaluate(model, objective) == out  # deterministic
     # chunked evaluation gives the same numbers

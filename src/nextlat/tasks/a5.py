@@ -183,6 +183,11 @@ class A5Data:
 # ----------------------------------------------------------------------------- evaluation
 
 
+def accuracy_by_position(model, states: Tensor, targets: Tensor) -> Tensor:
+    """(B, L, D) states and (B, L) targets -> (L,) float: how often ``model.logits`` decodes s_t."""
+    return (model.logits(states).argmax(-1) == targets).float().mean(0)
+
+
 @torch.no_grad()
 def transformer_accuracy_by_position(model, inputs: Tensor, targets: Tensor) -> Tensor:
     """Teacher-forced accuracy per position: (B, L) inputs and targets -> (L,) float.
@@ -190,29 +195,33 @@ def transformer_accuracy_by_position(model, inputs: Tensor, targets: Tensor) -> 
     One causal forward pass over the whole word; position t is right when the argmax of
     ``model.logits(h_t)`` is the running product s_t.
     """
-    h, _ = model(inputs)  # (B, L, D)
-    pred = model.logits(h).argmax(-1)  # (B, L)
-    return (pred == targets).float().mean(0)
+    return accuracy_by_position(model, model(inputs)[0], targets)
+
+
+@torch.no_grad()
+def rnn_states(model, dynamics: Callable[[Tensor, Tensor], Tensor], inputs: Tensor) -> Tensor:
+    """The dynamics model run as an RNN over (B, L) inputs: its states, (B, L, D).
+
+    The transformer encodes only the first token: h_1 = model(x_1). Then, for t = 2..L in order,
+    h_t = dynamics(h_{t-1}, E(x_t)), with E(x_t) = ``model.embed(x_t)``, the same input embedding
+    the NextLat objective feeds p_psi in training (the ``emb`` returned by the forward pass).
+    ``dynamics`` maps (B, D), (B, D) -> (B, D).
+    """
+    emb = model.embed(inputs)  # (B, L, D)
+    h = model(inputs[:, :1])[0][:, 0]  # (B, D)
+    states = [h]
+    for t in range(1, inputs.shape[1]):
+        h = dynamics(h, emb[:, t])
+        states.append(h)
+    return torch.stack(states, dim=1)
 
 
 @torch.no_grad()
 def rnn_accuracy_by_position(model, dynamics: Callable[[Tensor, Tensor], Tensor], inputs: Tensor,
                              targets: Tensor) -> Tensor:
-    """Accuracy per position of the dynamics model run as an RNN: (B, L) inputs and targets -> (L,) float.
-
-    The transformer encodes only the first token: h_1 = model(x_1). Then, for t = 2..L in order,
-    h_t = dynamics(h_{t-1}, E(x_t)), with E(x_t) = ``model.embed(x_t)``, the same input embedding
-    the NextLat objective feeds p_psi in training (the ``emb`` returned by the forward pass).
-    Every state is decoded with ``model.logits``. ``dynamics`` maps (B, D), (B, D) -> (B, D).
-    """
-    B, L = inputs.shape
-    emb = model.embed(inputs)  # (B, L, D)
-    h = model(inputs[:, :1])[0][:, 0]  # (B, D)
-    preds = [model.logits(h).argmax(-1)]  # each (B,)
-    for t in range(1, L):
-        h = dynamics(h, emb[:, t])
-        preds.append(model.logits(h).argmax(-1))
-    return (torch.stack(preds, dim=1) == targets).float().mean(0)
+    """Accuracy per position of the dynamics model run as an RNN (:func:`rnn_states`), every state
+    decoded with ``model.logits``: (B, L) inputs and targets -> (L,) float."""
+    return accuracy_by_position(model, rnn_states(model, dynamics, inputs), targets)
 
 
 # ----------------------------------------------------------------------------- the task
@@ -269,7 +278,11 @@ class A5Task(Task):
         - ``acc@L``: transformer, teacher-forced, accuracy averaged over all L positions;
         - ``acc_last@L``: transformer accuracy at position L (the final state);
         - ``rnn_acc@L`` / ``rnn_acc_last@L``: the same for the dynamics model run as an RNN
-          (:func:`rnn_accuracy_by_position`), only for objectives with a ``dynamics`` model (NextLat).
+          (:func:`rnn_states`), only for objectives with a ``dynamics`` model (NextLat);
+        - ``rnn_norm_ratio@L``: the mean norm of the RNN's state at position L over the mean norm of
+          the transformer's own states at the training positions (1..min(L, train_len)) of the same
+          words. Near 1 the RNN stays on the scale of the states its dynamics model was fitted to;
+          a drift off them shows as a ratio growing with L.
 
         Transformer metrics need L <= model.cfg.max_seq_len; longer lengths get only the RNN metrics
         (with a warning). Evaluation is deterministic: ``seed`` is unused.
@@ -290,6 +303,7 @@ class A5Task(Task):
                               f"acc@{L} is not computed", stacklevel=2)
             tf_sum = torch.zeros(L, device=device)
             rnn_sum = torch.zeros(L, device=device)
+            norm_ratio_sum = 0.0
             for start in range(0, n, self.EVAL_CHUNK):  # chunks bound memory on large test sets
                 idx = torch.arange(start, min(n, start + self.EVAL_CHUNK))
                 batch = data.get(idx).to(device)
@@ -297,7 +311,11 @@ class A5Task(Task):
                 if fits:
                     tf_sum += rows * transformer_accuracy_by_position(model, batch.input_ids, batch.targets)
                 if dynamics is not None:
-                    rnn_sum += rows * rnn_accuracy_by_position(model, dynamics, batch.input_ids, batch.targets)
+                    states = rnn_states(model, dynamics, batch.input_ids)  # (rows, L, D)
+                    rnn_sum += rows * accuracy_by_position(model, states, batch.targets)
+                    trained = model(batch.input_ids[:, : self.cfg.train_len])[0]  # (rows, <= train_len, D)
+                    ratio = states[:, -1].norm(dim=-1).mean() / trained.norm(dim=-1).mean()
+                    norm_ratio_sum += rows * ratio.item()
             if fits:
                 per_pos = tf_sum / n
                 out[f"acc@{L}"] = per_pos.mean().item()
@@ -306,6 +324,7 @@ class A5Task(Task):
                 per_pos = rnn_sum / n
                 out[f"rnn_acc@{L}"] = per_pos.mean().item()
                 out[f"rnn_acc_last@{L}"] = per_pos[-1].item()
+                out[f"rnn_norm_ratio@{L}"] = norm_ratio_sum / n
         for m, mode in zip(modules, was_training):
             m.train(mode)
         return out
