@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
 from nextlat import experiment
 from nextlat.cli import main
@@ -87,8 +88,6 @@ def test_cli_experiment_trains_only_the_named_arms(tiny_experiment, tmp_path, ca
     out = tmp_path / "exp"
     assert main(["experiment", "tiny", "--seeds", "1", "--arms", "nl", "--out", str(out), "--set", "train.threads=1"]) == 0
     assert (out / "nl" / "seed_0" / "results.json").is_file() and not (out / "gpt").exists()
-    import yaml
-
     # the user's thread count wins over the experiment's default share of the cores
     assert yaml.safe_load((out / "nl" / "seed_0" / "config.yaml").read_text())["train"]["threads"] == 1
     assert main(["experiment", "tiny", "--arms", "bst", "--out", str(out)]) == 2

@@ -308,12 +308,14 @@ class A5Task(Task):
                 idx = torch.arange(start, min(n, start + self.EVAL_CHUNK))
                 batch = data.get(idx).to(device)
                 rows = len(idx)
-                if fits:
-                    tf_sum += rows * transformer_accuracy_by_position(model, batch.input_ids, batch.targets)
+                T = self.cfg.train_len
+                if fits:  # one causal pass serves the accuracy and (its first T states) the norm reference
+                    h = model(batch.input_ids)[0]  # (rows, L, D)
+                    tf_sum += rows * accuracy_by_position(model, h, batch.targets)
                 if dynamics is not None:
                     states = rnn_states(model, dynamics, batch.input_ids)  # (rows, L, D)
                     rnn_sum += rows * accuracy_by_position(model, states, batch.targets)
-                    trained = model(batch.input_ids[:, : self.cfg.train_len])[0]  # (rows, <= train_len, D)
+                    trained = h[:, :T] if fits else model(batch.input_ids[:, :T])[0]  # (rows, <= T, D)
                     ratio = states[:, -1].norm(dim=-1).mean() / trained.norm(dim=-1).mean()
                     norm_ratio_sum += rows * ratio.item()
             if fits:
