@@ -102,12 +102,18 @@ def test_cli_experiment_errors_exit_2(capsys):
 
 @pytest.mark.parametrize("name", sorted(experiment.EXPERIMENTS))
 def test_shipped_experiments_plan_from_shipped_recipes(name, tmp_path):
+    scales = {"pathstar": ["cpu", "paper"], "countdown": ["cpu", "paper"], "a5": ["cpu", "gpu", "paper"],
+              "manhattan": ["cpu", "gpu", "paper"]}[name]
     for scale in experiment.SCALES:
-        jobs = plan(name, scale, [0], tmp_path)
-        assert jobs and len({j.run_dir for j in jobs}) == len(jobs)
+        if scale in scales:
+            jobs = plan(name, scale, [0], tmp_path)
+            assert jobs and len({j.run_dir for j in jobs}) == len(jobs)
+        else:  # refused before any recipe is looked up, naming the scales there are
+            with pytest.raises(ConfigError, match=f"--scale '{scale}'.*{', '.join(scales)}"):
+                plan(name, scale, [0], tmp_path)
 
 
-def test_a5_report_draws_accuracy_by_position(tmp_path, monkeypatch):
+def test_a5_report_draws_accuracy_by_position(tmp_path, monkeypatch, capsys):
     """The A5 figure: per-position accuracy of each arm on the longest test words, plus the NextLat RNN curve."""
     from nextlat.config import config_from_dict
 
@@ -133,6 +139,16 @@ def test_a5_report_draws_accuracy_by_position(tmp_path, monkeypatch):
     rnn = [json.loads((out / "nl" / f"seed_{s}" / "results.json").read_text())["eval"]["rnn_acc@10"] for s in (0, 1)]
     assert abs(sum(curves["NextLat d=1, dynamics as RNN"]["mean"]) / 10 - sum(rnn) / 2) < 1e-5
     assert "rnn_acc@10" in final and (out / "a5_accuracy_vs_length.png").stat().st_size > 0
+
+    # Results copied from another machine without their checkpoints: the table keeps every seed, the figure
+    # draws the runs it can load, and says which it left out.
+    import shutil
+
+    shutil.rmtree(out / "nl" / "seed_1" / "checkpoints")
+    again = report("a5", "cpu", [0, 1], out)
+    assert [r["seeds"] for r in again["rows"]] == [[0, 1], [0, 1]]
+    assert again["curves"]["NextLat d=1, dynamics as RNN"]["n"] == 1 and again["curves"]["GPT"]["n"] == 2
+    assert "seed_1: no checkpoint" in capsys.readouterr().out
 
 
 def test_manhattan_experiment_on_a_given_graph_draws_maps(tmp_path, monkeypatch, capsys):

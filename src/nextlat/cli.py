@@ -208,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("experiment", help="train every objective of a paper experiment over seeds; write table and plots")
     x.add_argument("name", help="pathstar, countdown, a5 or manhattan")
-    x.add_argument("--scale", default="cpu", choices=["cpu", "paper"], help="recipe scale (paper needs GPUs)")
+    x.add_argument("--scale", default="cpu", choices=["cpu", "gpu", "paper"],
+                   help="recipe scale: cpu (minutes on a CPU), gpu (minutes on one GPU; a5 and manhattan), paper (GPU days)")
     x.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1) per objective")
     x.add_argument("--jobs", type=int, default=1, help="runs trained at once (CPU threads are split among them)")
     x.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override applied to every run")

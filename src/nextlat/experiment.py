@@ -11,7 +11,7 @@ experiment folder. ``report`` redoes the table and figures from whatever runs ha
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,20 +41,22 @@ class Metric:
     """Shown multiplied by 100 (the value is a fraction)."""
 
 
+SCALES = ("cpu", "gpu", "paper")
+
+
 @dataclass
 class Experiment:
     name: str
     arms: Callable[[str], list[Arm]]
-    """Arms at a scale ('cpu' or 'paper')."""
+    """Arms at a scale (one of ``scales``)."""
     metrics: list[Metric]
     paper: dict[str, dict[str, float]] = field(default_factory=dict)
     """The paper's values: arm label -> metric label -> value (as printed in the paper)."""
     paper_note: str = ""
     figures: Callable[[Path, list[Arm], list[int]], dict[str, Any]] | None = None
     """Draws the figures into the folder; returns extra results for results.json (e.g. curves)."""
-
-
-SCALES = ("cpu", "paper")
+    scales: tuple[str, ...] = SCALES
+    """Scales with recipes: cpu (minutes on a CPU), gpu (minutes on one GPU), paper (the paper's set-up)."""
 
 
 def _objective_arms(task: str, scale: str, horizons: dict[str, list[int]]) -> list[Arm]:
@@ -92,22 +94,36 @@ def _a5_arms(scale: str) -> list[Arm]:
             Arm("NextLat d=1", "next-latent", f"a5-{scale}-next-latent")]
 
 
+def _trained_models(out: Path, arm: Arm, seeds: list[int]) -> Iterator[tuple[Path, Any]]:
+    """(run folder, components) of the arm's finished runs, on the GPU when there is one. A finished run whose
+    checkpoints are gone (results copied from another machine without them) is left out of the figures with a
+    note; its numbers still count in the table."""
+    from nextlat.checkpoint import CheckpointError, resolve_checkpoint
+    from nextlat.train import load_components, resolve_device
+
+    for run in finished_runs(out / arm.slug, seeds):
+        try:
+            resolve_checkpoint(run)
+        except CheckpointError:
+            print(f"[experiment] {run}: no checkpoint, left out of the figures", flush=True)
+            continue
+        yield run, load_components(run, resolve_device("auto"))[0]
+
+
 def _a5_figures(out: Path, arms: list[Arm], seeds: list[int]) -> dict[str, Any]:
     """Accuracy by position on the longest test words, per arm (and the NextLat dynamics run as an RNN)."""
     import torch
 
     from nextlat.plots import plot_curves
     from nextlat.tasks.a5 import rnn_accuracy_by_position, transformer_accuracy_by_position
-    from nextlat.train import load_components
 
     per_label: dict[str, list[list[float]]] = {}
     for arm in arms:
-        for run in finished_runs(out / arm.slug, seeds):
-            comps, _ = load_components(run, "cpu")
+        for _, comps in _trained_models(out, arm, seeds):
             model, objective = comps.model.eval(), comps.objective.eval()
             L = max(comps.task.cfg.eval_lengths)
             data = comps.task.test_data(L)
-            batch = data.get(torch.arange(min(len(data), comps.task.cfg.eval_examples)))
+            batch = data.get(torch.arange(min(len(data), comps.task.cfg.eval_examples))).to(next(model.parameters()).device)
             if L <= model.cfg.max_seq_len:
                 acc = transformer_accuracy_by_position(model, batch.input_ids, batch.targets)
                 per_label.setdefault(arm.label, []).append(acc.tolist())
@@ -132,16 +148,13 @@ def _manhattan_arms(scale: str) -> list[Arm]:
 
 def _manhattan_figures(out: Path, arms: list[Arm], seeds: list[int]) -> dict[str, Any]:
     """Map reconstruction of each arm's first finished seed: the streets its greedy traversals use or invent."""
-    from nextlat.train import load_components
     from nextlat.world_metrics import draw_map, map_reconstruction, valid_trajectories
 
     maps = {}
     for arm in arms:
-        finished = finished_runs(out / arm.slug, seeds)
-        if not finished:
+        run, comps = next(_trained_models(out, arm, seeds), (None, None))
+        if run is None:
             continue
-        run = finished[0]
-        comps, _ = load_components(run, "cpu")
         task, model = comps.task, comps.model.eval()
         res = valid_trajectories(model, task.graph, task.tokenizer, task.test_pairs(task.cfg.eval_valid),
                                  max_len=task.move_cap(model))
@@ -160,6 +173,7 @@ EXPERIMENTS: dict[str, Experiment] = {
                "JTP": {"G(2,10)": 69.5, "G(5,5)": 47.3}, "BST": {"G(2,10)": 98.9, "G(5,5)": 99.9},
                "NextLat": {"G(2,10)": 97.1, "G(5,5)": 99.8}},
         paper_note="Paper: exact-path accuracy (%, sampled at temperature 1) on larger graphs; our graph is the recipe's.",
+        scales=("cpu", "paper"),
     ),
     "countdown": Experiment(
         "countdown", _countdown_arms,
@@ -171,6 +185,7 @@ EXPERIMENTS: dict[str, Experiment] = {
                **{f"NextLat d={d}": {"solved %": v} for d, v in zip((1, 4, 8), (54.8, 57.6, 58.7))}},
         paper_note="Paper: % of 10k test problems solved (inputs 1..99), 12x768 models trained 100k steps x 1024. "
                    "The CPU scale draws inputs from 1..20 and trains 4x128 models for 2000 steps x 64.",
+        scales=("cpu", "paper"),
     ),
     "a5": Experiment(
         "a5", _a5_arms,
@@ -217,12 +232,18 @@ def select_arms(arms: list[Arm], slugs: list[str] | None) -> list[Arm]:
     return [by_slug[s] for s in slugs]
 
 
+def check_scale(name: str, scale: str) -> None:
+    """Refuse a scale that the experiment has no recipes for, naming the ones it has."""
+    scales = get_experiment(name).scales
+    if scale not in scales:
+        raise ConfigError(f"--scale {scale!r}: the {name} experiment has recipes at the scales {', '.join(scales)}")
+
+
 def plan(name: str, scale: str, seeds: list[int], out: Path, overrides: list[str] = (),
          arms: list[str] | None = None) -> list[Job]:
     """The runs of an experiment, seed-major (every arm's first seed comes before any second seed).
     ``arms`` restricts and orders the arms by folder name (e.g. cheap arms first)."""
-    if scale not in SCALES:
-        raise ConfigError(f"--scale {scale!r}: choose from {', '.join(SCALES)}")
+    check_scale(name, scale)
     arms = select_arms(get_experiment(name).arms(scale), arms)
     for arm in arms:  # fail fast on a bad recipe or override before anything trains
         load_config(arm.recipe, [*arm.overrides, *overrides])
@@ -257,6 +278,7 @@ def _fmt(v: float, percent: bool) -> str:
 
 def report(name: str, scale: str, seeds: list[int], out: Path) -> dict[str, Any]:
     """Write ``results.md`` / ``results.json`` (and figures) from the finished runs under ``out``."""
+    check_scale(name, scale)
     exp = get_experiment(name)
     arms = exp.arms(scale)
     rows = []
