@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
+import torch
 import yaml
 
 from nextlat import experiment
 from nextlat.cli import main
 from nextlat.config import ConfigError
 from nextlat.experiment import Arm, Experiment, Metric, plan, report, run_experiment
+from nextlat.sweep import Job, run_jobs
 
 
 @pytest.fixture
@@ -84,6 +87,38 @@ def test_run_experiment_tabulates_every_seed_and_skips_finished_runs(tiny_experi
         run_experiment("tiny", seeds=[0], parallel=1, out=out, overrides=["train.lr=0.5"])
 
 
+def test_posthoc_arm_fits_its_objective_on_the_source_arms_frozen_backbone(tiny_experiment, tmp_path, monkeypatch):
+    """An arm with ``backbone_of`` waits for that arm's run of the same seed, starts from it and keeps its backbone."""
+    from nextlat.train import load_components
+
+    gpt, nl = tiny_experiment.arms("cpu")
+    post = Arm("GPT + dynamics", "post", nl.recipe, ("objective.horizon=1",), backbone_of="gpt")
+    # listed first and two at a time: it must still wait for its source
+    monkeypatch.setitem(experiment.EXPERIMENTS, "tiny", dataclasses.replace(tiny_experiment, arms=lambda s: [post, gpt]))
+    out = tmp_path / "exp"
+    jobs = plan("tiny", "cpu", [0], out)
+    assert jobs[0].after == out / "gpt" / "seed_0" and jobs[1].after is None
+    assert f"train.init_from={out / 'gpt' / 'seed_0'}" in jobs[0].overrides
+    with pytest.raises(ConfigError, match="--arms post: starts from arm 'gpt', whose seed 0 has not finished"):
+        plan("tiny", "cpu", [0], out, arms=["post"])
+
+    result = run_experiment("tiny", seeds=[0], parallel=2, out=out)
+    assert [r["seeds"] for r in result["rows"]] == [[0], [0]]
+    fitted, _ = load_components(out / "post" / "seed_0")
+    source, _ = load_components(out / "gpt" / "seed_0")
+    assert fitted.cfg.train.freeze_backbone and fitted.cfg.objective.name == "next_latent"
+    for (name, a), b in zip(fitted.model.state_dict().items(), source.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert plan("tiny", "cpu", [0], out, arms=["post"])[0].done  # the source has finished: planning alone is fine
+
+
+def test_a_run_whose_source_fails_never_starts(tmp_path):
+    src = Job(tmp_path / "src", str(tmp_path / "missing.yaml"), 0)
+    dep = Job(tmp_path / "dep", str(tmp_path / "missing.yaml"), 0, after=src.run_dir)
+    assert run_jobs([dep, src], parallel=2) == [src, dep]
+    assert not dep.run_dir.exists()
+
+
 def test_cli_experiment_trains_only_the_named_arms(tiny_experiment, tmp_path, capsys):
     out = tmp_path / "exp"
     assert main(["experiment", "tiny", "--seeds", "1", "--arms", "nl", "--out", str(out), "--set", "train.threads=1"]) == 0
@@ -127,12 +162,14 @@ def test_a5_report_draws_accuracy_by_position(tmp_path, monkeypatch, capsys):
     }).to_yaml())
     base = experiment.EXPERIMENTS["a5"]
     arms = lambda scale: [Arm("GPT", "gpt", str(recipe), ("objective.name=next_token",)),  # noqa: E731
-                          Arm("NextLat d=1", "nl", str(recipe))]
+                          Arm("NextLat d=1", "nl", str(recipe)),
+                          Arm("GPT + dynamics", "post", str(recipe), backbone_of="gpt")]
     monkeypatch.setitem(experiment.EXPERIMENTS, "a5", Experiment("a5", arms, base.metrics, figures=base.figures))
     out = tmp_path / "exp"
     result = run_experiment("a5", seeds=[0, 1], out=out)
     curves = result["curves"]
-    assert set(curves) == {"GPT", "NextLat d=1", "NextLat d=1, dynamics as RNN"}
+    # the post-hoc arm's transformer is GPT's, frozen: only its RNN gets a curve
+    assert set(curves) == {"GPT", "NextLat d=1", "NextLat d=1, dynamics as RNN", "GPT + dynamics (RNN)"}
     for c in curves.values():
         assert c["x"] == list(range(1, 11)) and c["n"] == 2 and all(0 <= v <= 1 for v in c["mean"])
     final = json.loads((out / "nl" / "seed_0" / "results.json").read_text())["eval"]
@@ -146,7 +183,7 @@ def test_a5_report_draws_accuracy_by_position(tmp_path, monkeypatch, capsys):
 
     shutil.rmtree(out / "nl" / "seed_1" / "checkpoints")
     again = report("a5", "cpu", [0, 1], out)
-    assert [r["seeds"] for r in again["rows"]] == [[0, 1], [0, 1]]
+    assert [r["seeds"] for r in again["rows"]] == [[0, 1], [0, 1], [0, 1]]
     assert again["curves"]["NextLat d=1, dynamics as RNN"]["n"] == 1 and again["curves"]["GPT"]["n"] == 2
     assert "seed_1: no checkpoint" in capsys.readouterr().out
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from nextlat.checkpoint import atomic_write_text
 from nextlat.config import ConfigError, load_config
-from nextlat.sweep import Job, finished_runs, run_jobs, seed_results, stats_of
+from nextlat.sweep import Job, finished_runs, is_finished, run_jobs, seed_results, stats_of
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,9 @@ class Arm:
     """Folder of the arm's runs inside the experiment folder."""
     recipe: str
     overrides: tuple[str, ...] = ()
+    backbone_of: str | None = None
+    """Slug of another arm: each seed of this arm starts from that arm's run of the same seed with the backbone
+    frozen, and trains only the objective's own parameters (a post-hoc fit, e.g. a dynamics model on a GPT)."""
 
 
 @dataclass(frozen=True)
@@ -89,9 +92,13 @@ def _a5_arms(scale: str) -> list[Arm]:
         return load_config(recipe).task.train_len
 
     short, long = f"a5-{scale}-next-token", f"a5-{scale}-next-token-long"
+    posthoc_steps = {"cpu": 4000, "gpu": 3000, "paper": 40000}[scale]  # a quarter / 30% / a tenth of training
     return [Arm(f"GPT (trained on {trained_on(short)})", "next-token", short),
             Arm(f"GPT (trained on {trained_on(long)})", "next-token-long", long),
-            Arm("NextLat d=1", "next-latent", f"a5-{scale}-next-latent")]
+            Arm("NextLat d=1", "next-latent", f"a5-{scale}-next-latent"),
+            # The control the paper does not run: the same dynamics model fitted afterwards to the frozen GPT.
+            Arm("GPT + post-hoc dynamics d=1", "posthoc-dynamics", f"a5-{scale}-next-latent",
+                (f"train.steps={posthoc_steps}",), backbone_of="next-token")]
 
 
 def _trained_models(out: Path, arm: Arm, seeds: list[int]) -> Iterator[tuple[Path, Any]]:
@@ -124,13 +131,14 @@ def _a5_figures(out: Path, arms: list[Arm], seeds: list[int]) -> dict[str, Any]:
             L = max(comps.task.cfg.eval_lengths)
             data = comps.task.test_data(L)
             batch = data.get(torch.arange(min(len(data), comps.task.cfg.eval_examples))).to(next(model.parameters()).device)
-            if L <= model.cfg.max_seq_len:
+            if L <= model.cfg.max_seq_len and arm.backbone_of is None:  # a frozen backbone repeats its source arm
                 acc = transformer_accuracy_by_position(model, batch.input_ids, batch.targets)
                 per_label.setdefault(arm.label, []).append(acc.tolist())
             dynamics = getattr(objective, "dynamics", None)
             if dynamics is not None:
                 acc = rnn_accuracy_by_position(model, dynamics, batch.input_ids, batch.targets)
-                per_label.setdefault(f"{arm.label}, dynamics as RNN", []).append(acc.tolist())
+                label = f"{arm.label} (RNN)" if arm.backbone_of else f"{arm.label}, dynamics as RNN"
+                per_label.setdefault(label, []).append(acc.tolist())
     curves = {}
     for label, runs in per_label.items():
         t = torch.tensor(runs)  # (seeds, L)
@@ -245,9 +253,21 @@ def plan(name: str, scale: str, seeds: list[int], out: Path, overrides: list[str
     ``arms`` restricts and orders the arms by folder name (e.g. cheap arms first)."""
     check_scale(name, scale)
     arms = select_arms(get_experiment(name).arms(scale), arms)
-    for arm in arms:  # fail fast on a bad recipe or override before anything trains
-        load_config(arm.recipe, [*arm.overrides, *overrides])
-    return [Job(out / arm.slug / f"seed_{s}", arm.recipe, s, (*arm.overrides, *overrides)) for s in seeds for arm in arms]
+    planned = {a.slug for a in arms}
+    jobs = []
+    for s in seeds:
+        for arm in arms:
+            after, extra = None, ()
+            if arm.backbone_of is not None:
+                after = out / arm.backbone_of / f"seed_{s}"
+                if arm.backbone_of not in planned and not is_finished(after):
+                    raise ConfigError(f"--arms {arm.slug}: starts from arm {arm.backbone_of!r}, whose seed {s} has not "
+                                      f"finished ({after}); name {arm.backbone_of} in --arms as well")
+                extra = (f"train.init_from={after}", "train.freeze_backbone=true")
+            jobs.append(Job(out / arm.slug / f"seed_{s}", arm.recipe, s, (*arm.overrides, *extra, *overrides), after))
+    for job in jobs[: len(arms)]:  # fail fast on a bad recipe or override before anything trains
+        load_config(job.recipe, list(job.overrides))
+    return jobs
 
 
 def default_folder(name: str, scale: str, graph: str | Path | None = None) -> Path:

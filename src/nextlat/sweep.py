@@ -31,6 +31,8 @@ class Job:
     recipe: str
     seed: int
     overrides: tuple[str, ...] = ()
+    after: Path | None = None
+    """Run folder that must hold a finished run before this one starts (e.g. the backbone it is fitted to)."""
 
     @property
     def done(self) -> bool:
@@ -40,7 +42,9 @@ class Job:
 def run_jobs(jobs: list[Job], parallel: int = 1) -> list[Job]:
     """Train the unfinished ``jobs``, ``parallel`` at a time (CPU threads split among them); returns the failed ones.
 
-    Output of each run goes to ``<run_dir>/train.log``. Runs resume from their newest checkpoint.
+    Output of each run goes to ``<run_dir>/train.log``. Runs resume from their newest checkpoint. A job with
+    ``after`` waits for that run to finish; if it fails (or is not among ``jobs`` and not finished), the job
+    fails without starting.
     """
     if parallel < 1:
         raise ValueError(f"parallel={parallel}: must be >= 1")
@@ -52,8 +56,16 @@ def run_jobs(jobs: list[Job], parallel: int = 1) -> list[Job]:
     running: list[tuple[Job, subprocess.Popen, Any]] = []
     failed: list[Job] = []
     while pending or running:
-        while pending and len(running) < parallel:
-            job = pending.pop(0)
+        for job in [j for j in pending if j.after is not None and not is_finished(j.after)
+                    and j.after not in {p.run_dir for p in pending} | {r[0].run_dir for r in running}]:
+            pending.remove(job)
+            failed.append(job)
+            print(f"[runs] FAILED {job.run_dir}: {job.after} did not finish, and this run starts from it", flush=True)
+        while len(running) < parallel:
+            job = next((j for j in pending if j.after is None or is_finished(j.after)), None)
+            if job is None:
+                break
+            pending.remove(job)
             job.run_dir.mkdir(parents=True, exist_ok=True)
             cmd = [sys.executable, "-m", "nextlat.cli", "train", job.recipe, "--resume", "--out", str(job.run_dir),
                    "--set", f"train.threads={threads}",  # first, so that a train.threads of the user's wins
