@@ -7,7 +7,12 @@ import json
 from nextlat.cli import main
 
 
-def test_bench_train_reports_every_variant_against_next_token(run_config, tmp_path, capsys):
+def test_bench_train_reports_every_variant_against_next_token(run_config, tmp_path, capsys, monkeypatch):
+    from nextlat.tasks.pathstar import PathStarTask
+
+    made = []  # the training data is made once and shared by every variant
+    make = PathStarTask.train_data
+    monkeypatch.setattr(PathStarTask, "train_data", lambda self: made.append(1) or make(self))
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(run_config().to_yaml())
     out = tmp_path / "bench.json"
@@ -19,6 +24,7 @@ def test_bench_train_reports_every_variant_against_next_token(run_config, tmp_pa
     assert all(r["step_s_median"] > 0 and r["ratio_min"] <= r["ratio_median"] <= r["ratio_max"] for r in rows)
     assert rows[1]["params_objective"] > 0 and rows[0]["params_objective"] == 0
     assert "x next-token" in capsys.readouterr().out
+    assert len(made) == 1
 
 
 def test_bench_decode_and_speculative_generate(run_config, tmp_path, capsys):

@@ -39,11 +39,13 @@ def bench_train(recipe: str, overrides: list[str] | None = None, *, objectives: 
     variants = [("next_token", 1)] + [(o, d) for o in objectives if o != "next_token"
                                       for d in (horizons if OBJECTIVES[o].uses_horizon else horizons[:1])]
     runs = []
+    batch = None  # one batch for every variant: the task, and so its (possibly slow to make) data, is shared
     for name, d in variants:
         cfg = dataclasses.replace(base, objective=dataclasses.replace(base.objective, name=name, horizon=d))
         comps = build(cfg, device)
         opt = build_optimizer({"model": comps.model, "objective": comps.objective}, cfg.train)
-        batch = comps.task.train_data().get(torch.arange(cfg.train.batch_size)).to(device)
+        if batch is None:
+            batch = comps.task.train_data().get(torch.arange(cfg.train.batch_size)).to(device)
         runs.append({"objective": name, "horizon": d, "comps": comps, "opt": opt, "batch": batch, "times": [],
                      "peak_mem": 0})
 
