@@ -275,10 +275,6 @@ class StreetGraph:
 
     # ------------------------------------------------------------------ layout
 
-    @property
-    def has_coords(self) -> bool:
-        return self._coords is not None
-
     def positions(self) -> Tensor:
         """(N, 2) float64 drawing positions: the file's ``coords`` when given, else a least-squares layout.
 
