@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
@@ -179,8 +180,6 @@ def test_a5_report_draws_accuracy_by_position(tmp_path, monkeypatch, capsys):
 
     # Results copied from another machine without their checkpoints: the table keeps every seed, the figure
     # draws the runs it can load, and says which it left out.
-    import shutil
-
     shutil.rmtree(out / "nl" / "seed_1" / "checkpoints")
     again = report("a5", "cpu", [0, 1], out)
     assert [r["seeds"] for r in again["rows"]] == [[0, 1], [0, 1], [0, 1]]

@@ -56,8 +56,8 @@ def run_jobs(jobs: list[Job], parallel: int = 1) -> list[Job]:
     running: list[tuple[Job, subprocess.Popen, Any]] = []
     failed: list[Job] = []
     while pending or running:
-        for job in [j for j in pending if j.after is not None and not is_finished(j.after)
-                    and j.after not in {p.run_dir for p in pending} | {r[0].run_dir for r in running}]:
+        queued = {j.run_dir for j in pending} | {r[0].run_dir for r in running}
+        for job in [j for j in pending if j.after is not None and j.after not in queued and not is_finished(j.after)]:
             pending.remove(job)
             failed.append(job)
             print(f"[runs] FAILED {job.run_dir}: {job.after} did not finish, and this run starts from it", flush=True)
