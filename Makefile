@@ -26,7 +26,7 @@ test-slow: install       ## the slow tests only
 	$(PY) -m pytest -q -m slow
 
 lint: install
-	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff check src tests scripts
 
 bench-train: install     ## training-step cost of the objectives, side by side
 	$(VENV)/bin/nextlat bench-train --json results/bench-train-cpu.json

@@ -260,3 +260,40 @@ def test_next_latent_trains_on_a5(tmp_path):
     batch = trainer.data.get(torch.arange(8))
     out = trainer.objective(trainer.model, batch)
     assert set(out.terms) == {"ce", "next_h@1"} and torch.isfinite(out.loss())
+
+
+def test_eval_takes_other_lengths_and_refuses_non_task_overrides(tmp_path, capsys):
+    """`nextlat eval RUN --set task.eval_lengths=[...]` scores a trained run at lengths it was not planned for."""
+    import json
+
+    from nextlat.checkpoint import read_checkpoint, resolve_checkpoint
+    from nextlat.cli import main
+
+    run = tmp_path / "run"
+    Trainer(tiny(**{"train.steps": 2}), out_dir=run).fit()
+    capsys.readouterr()
+    sets = ["--set", "task.eval_lengths=[9]", "--set", "task.eval_examples=5"]
+    assert main(["eval", str(run), "--device", "cpu", *sets]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["set"] == ["task.eval_lengths=[9]", "task.eval_examples=5"]
+    assert {"acc@9", "rnn_acc@9", "rnn_acc_last@9"} <= set(res) and "acc@6" not in res
+    # the saved run is untouched
+    assert read_checkpoint(resolve_checkpoint(run)).cfg.task.eval_lengths == [6, 10]
+    for bad, named in [("model.n_layer=3", "model.n_layer"), ("task.name=pathstar", "task.name"),
+                       ("task.eval_lengths=[0]", "task.eval_lengths[0]=0"), ("task.lengths=[9]", "task.lengths")]:
+        assert main(["eval", str(run), "--device", "cpu", "--set", bad]) == 2, bad
+        assert named in capsys.readouterr().err, bad
+
+
+def test_rnn_diagnostics_script_runs_on_a_trained_run(tmp_path, capsys):
+    import runpy
+    from pathlib import Path
+
+    run = tmp_path / "run"
+    Trainer(tiny(**{"train.steps": 2}), out_dir=run).fit()
+    capsys.readouterr()
+    script = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "a5_rnn_diagnostics.py"))
+    script["main"]([str(run)])
+    out = capsys.readouterr().out
+    assert "one-step relative error at positions 2..6" in out
+    assert out.count("RNN, projected") == 2 and "length  10" in out  # both evaluation lengths, both variants

@@ -22,10 +22,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from nextlat.train import load_components, resolve_device
 
-    comps, meta = load_components(args.checkpoint, resolve_device(args.device))
+    comps, meta = load_components(args.checkpoint, resolve_device(args.device), task_overrides=args.set)
     metrics = comps.task.evaluate(comps.model, comps.objective, device=resolve_device(args.device), seed=args.seed,
                                   max_examples=args.examples)
-    print(json.dumps({"checkpoint": str(args.checkpoint), "step": meta["step"], **metrics}, indent=2))
+    where = {"checkpoint": str(args.checkpoint), "step": meta["step"], **({"set": args.set} if args.set else {})}
+    print(json.dumps({**where, **metrics}, indent=2))
     return 0
 
 
@@ -152,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--examples", type=int, default=None, help="evaluate on at most this many test examples")
     e.add_argument("--seed", type=int, default=0, help="seed for sampled evaluation")
     e.add_argument("--device", default="auto")
+    e.add_argument("--set", action="append", default=[], metavar="task.KEY=VALUE",
+                   help="evaluate with other task settings, e.g. --set 'task.eval_lengths=[18]' (repeatable)")
     e.set_defaults(func=_cmd_eval)
 
     g = sub.add_parser("generate", help="continue a prompt with a checkpoint")

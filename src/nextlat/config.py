@@ -300,6 +300,23 @@ def set_dotted(data: dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = value
 
 
+def with_task_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """``cfg`` with ``task.KEY=VALUE`` overrides applied: how a trained run is evaluated (other A5
+    lengths, more test examples, another street graph). Model, objective and training settings
+    belong to the trained weights and cannot change, nor can the task itself (``task.name``)."""
+    data = cfg.to_dict()
+    for assignment in overrides:
+        key = assignment.split("=", 1)[0].strip()
+        if not key.startswith("task.") or key == "task.name":
+            raise ConfigError(f"override {key!r}: a trained checkpoint takes only task settings "
+                              f"(task.KEY=VALUE, not task.name)")
+        set_dotted(data, assignment)
+    try:
+        return config_from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"task overrides {overrides}: {e}") from None
+
+
 RECIPE_DIR = Path(__file__).parent / "recipes"
 
 

@@ -40,7 +40,7 @@ from nextlat.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from nextlat.config import Config, ConfigError, TrainConfig
+from nextlat.config import Config, ConfigError, TrainConfig, with_task_overrides
 from nextlat.data import Batch, StatelessSampler
 from nextlat.model import Transformer
 from nextlat.objectives import Objective, build_objective
@@ -94,10 +94,16 @@ def build(cfg: Config, device: torch.device | str = "cpu", *, ckpt_dir: str | Pa
     return Components(cfg, task, model, objective)
 
 
-def load_components(path: str | Path, device: torch.device | str = "cpu") -> tuple[Components, dict[str, Any]]:
-    """Build the model and objective of a checkpoint and load its weights (strict, no pickle)."""
+def load_components(path: str | Path, device: torch.device | str = "cpu",
+                    task_overrides: list[str] | None = None) -> tuple[Components, dict[str, Any]]:
+    """Build the model and objective of a checkpoint and load its weights (strict, no pickle).
+
+    ``task_overrides`` (``task.KEY=VALUE``, see :func:`with_task_overrides`) change how the task
+    evaluates the trained model, e.g. ``task.eval_lengths=[18]``.
+    """
     ckpt = read_checkpoint(resolve_checkpoint(path))
-    comps = build(ckpt.cfg, device, ckpt_dir=ckpt.path)
+    cfg = with_task_overrides(ckpt.cfg, task_overrides) if task_overrides else ckpt.cfg
+    comps = build(cfg, device, ckpt_dir=ckpt.path)
     load_weights(ckpt, comps.model, comps.objective)
     return comps, ckpt.meta
 
