@@ -6,7 +6,8 @@ trained NextLat (or post-hoc dynamics) run, printed per run:
    often the LM head decodes the prediction to the right running product;
 2. the RNN with each predicted state projected back onto the image of the final RMSNorm
    ({g * u : rms(u) = 1}, g its learned scale), the set every transformer state lies in, beside the
-   plain RNN, at the run's evaluation lengths.
+   plain RNN, at the run's evaluation lengths; and how much of u sits where g is near zero, the
+   coordinates the projection is most sensitive to.
 
 Usage: python scripts/a5_rnn_diagnostics.py RUN [RUN ...]   (run or checkpoint folders of A5 runs)
 """
@@ -27,6 +28,21 @@ def one_step(model, dynamics, inputs: torch.Tensor, targets: torch.Tensor, train
     rel = ((pred - h[:, 1:]).norm(dim=-1) / h[:, 1:].norm(dim=-1)).mean(0)  # (T-1,)
     acc = (model.logits(pred).argmax(-1) == targets[:, 1:train_len]).float().mean()
     return rel, acc
+
+
+def small_scale_share(model, inputs: torch.Tensor, below: float = 0.05) -> tuple[int, float, float]:
+    """Entries of the final norm's scale g with |g| < ``below``: how many, the smallest |g|, and the
+    mean share of rms(u)^2 their normalised coordinates u carry on ``inputs`` (u: the norm's input
+    divided by its rms, so that the state is g * u)."""
+    seen = {}
+    hook = model.norm.register_forward_hook(lambda mod, args, out: seen.setdefault("x", args[0]))
+    model(inputs)
+    hook.remove()
+    u = seen["x"] * torch.rsqrt(seen["x"].pow(2).mean(-1, keepdim=True) + model.norm.eps)
+    g = model.norm.weight.detach().abs()
+    small = g < below
+    share = (u[..., small].pow(2).sum(-1) / u.pow(2).sum(-1)).mean().item()
+    return int(small.sum()), g.min().item(), share
 
 
 def projected(dynamics, norm):
@@ -53,6 +69,9 @@ def diagnose(run: str) -> None:
     rel, acc = one_step(model, dynamics, batch.input_ids, batch.targets, T)
     print(f"{run} (step {meta['step']}): one-step relative error at positions 2..{T}: "
           + " ".join(f"{x:.3f}" for x in rel.tolist()) + f"; decoded right {100 * acc:.1f}%")
+    count, smallest, share = small_scale_share(model, batch.input_ids[:, :T])
+    print(f"  final norm: {count} entries of |g| < 0.05 (smallest {smallest:.4f}), "
+          f"{100 * share:.0f}% of rms(u)^2 at the trained positions")
     for L in task.cfg.eval_lengths:
         b = task.test_data(L).get(torch.arange(n))
         for name, dyn in (("RNN", dynamics), ("RNN, projected", projected(dynamics, model.norm))):

@@ -295,5 +295,5 @@ def test_rnn_diagnostics_script_runs_on_a_trained_run(tmp_path, capsys):
     script = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "a5_rnn_diagnostics.py"))
     script["main"]([str(run)])
     out = capsys.readouterr().out
-    assert "one-step relative error at positions 2..6" in out
+    assert "one-step relative error at positions 2..6" in out and "entries of |g| < 0.05" in out
     assert out.count("RNN, projected") == 2 and "length  10" in out  # both evaluation lengths, both variants
