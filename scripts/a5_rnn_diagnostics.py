@@ -22,38 +22,31 @@ from nextlat.tasks.a5 import accuracy_by_position, rnn_states
 from nextlat.train import load_components
 
 
-def one_step(model, dynamics, inputs: torch.Tensor, targets: torch.Tensor, train_len: int):
-    h, emb = model(inputs[:, :train_len])
-    pred = dynamics(h[:, :-1], emb[:, 1:])  # predictions of h_2..h_T
-    rel = ((pred - h[:, 1:]).norm(dim=-1) / h[:, 1:].norm(dim=-1)).mean(0)  # (T-1,)
-    acc = (model.logits(pred).argmax(-1) == targets[:, 1:train_len]).float().mean()
+def one_step(model, dynamics, h: torch.Tensor, emb: torch.Tensor, targets: torch.Tensor):
+    """p_psi on the transformer's states ``h`` (B, T, D) and input embeddings ``emb``: the relative L2
+    error of its predictions of h_2..h_T, per position (T-1,), and how often they decode to ``targets``."""
+    pred = dynamics(h[:, :-1], emb[:, 1:])
+    rel = ((pred - h[:, 1:]).norm(dim=-1) / h[:, 1:].norm(dim=-1)).mean(0)
+    acc = (model.logits(pred).argmax(-1) == targets[:, 1:h.shape[1]]).float().mean()
     return rel, acc
 
 
-def small_scale_share(model, inputs: torch.Tensor, below: float = 0.05) -> tuple[int, float, float]:
+def small_scale_share(norm, x: torch.Tensor, below: float = 0.05) -> tuple[int, float, float]:
     """Entries of the final norm's scale g with |g| < ``below``: how many, the smallest |g|, and the
-    mean share of rms(u)^2 their normalised coordinates u carry on ``inputs`` (u: the norm's input
+    mean share of rms(u)^2 their normalised coordinates u carry, for the norm's inputs ``x`` (u: x
     divided by its rms, so that the state is g * u)."""
-    seen = {}
-    hook = model.norm.register_forward_hook(lambda mod, args, out: seen.setdefault("x", args[0]))
-    model(inputs)
-    hook.remove()
-    u = seen["x"] * torch.rsqrt(seen["x"].pow(2).mean(-1, keepdim=True) + model.norm.eps)
-    g = model.norm.weight.detach().abs()
+    u = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps)
+    g = norm.weight.detach().abs()
     small = g < below
     share = (u[..., small].pow(2).sum(-1) / u.pow(2).sum(-1)).mean().item()
     return int(small.sum()), g.min().item(), share
 
 
 def projected(dynamics, norm):
-    """``dynamics`` followed by the projection of its output onto the image of ``norm`` (RMSNorm)."""
+    """``dynamics`` followed by the projection of its output onto the image of ``norm`` (RMSNorm):
+    g * u / rms(u) with u = output / g, which is ``norm(output / g)``."""
     g = norm.weight.detach()
-
-    def step(h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        u = dynamics(h, e) / g
-        return g * u * torch.rsqrt(u.pow(2).mean(-1, keepdim=True) + norm.eps)
-
-    return step
+    return lambda h, e: norm(dynamics(h, e) / g)
 
 
 @torch.no_grad()
@@ -66,10 +59,14 @@ def diagnose(run: str) -> None:
         return
     T, n = task.cfg.train_len, min(task.cfg.num_test, task.cfg.eval_examples)
     batch = task.test_data(max(task.cfg.eval_lengths)).get(torch.arange(n))
-    rel, acc = one_step(model, dynamics, batch.input_ids, batch.targets, T)
+    seen = {}  # the final norm's input, caught on the same forward pass (the hook returns None: output kept)
+    hook = model.norm.register_forward_hook(lambda mod, args, out: seen.update(x=args[0]))
+    h, emb = model(batch.input_ids[:, :T])
+    hook.remove()
+    rel, acc = one_step(model, dynamics, h, emb, batch.targets)
     print(f"{run} (step {meta['step']}): one-step relative error at positions 2..{T}: "
           + " ".join(f"{x:.3f}" for x in rel.tolist()) + f"; decoded right {100 * acc:.1f}%")
-    count, smallest, share = small_scale_share(model, batch.input_ids[:, :T])
+    count, smallest, share = small_scale_share(model.norm, seen["x"])
     print(f"  final norm: {count} entries of |g| < 0.05 (smallest {smallest:.4f}), "
           f"{100 * share:.0f}% of rms(u)^2 at the trained positions")
     for L in task.cfg.eval_lengths:

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
+import runpy
+from pathlib import Path
 
 import pytest
 import torch
 
+from nextlat.checkpoint import read_checkpoint, resolve_checkpoint
+from nextlat.cli import main
 from nextlat.config import ConfigError, config_from_dict
 from nextlat.tasks import TASKS, build_task
 from nextlat.tasks.a5 import (
@@ -264,11 +269,6 @@ def test_next_latent_trains_on_a5(tmp_path):
 
 def test_eval_takes_other_lengths_and_refuses_non_task_overrides(tmp_path, capsys):
     """`nextlat eval RUN --set task.eval_lengths=[...]` scores a trained run at lengths it was not planned for."""
-    import json
-
-    from nextlat.checkpoint import read_checkpoint, resolve_checkpoint
-    from nextlat.cli import main
-
     run = tmp_path / "run"
     Trainer(tiny(**{"train.steps": 2}), out_dir=run).fit()
     capsys.readouterr()
@@ -286,13 +286,20 @@ def test_eval_takes_other_lengths_and_refuses_non_task_overrides(tmp_path, capsy
 
 
 def test_rnn_diagnostics_script_runs_on_a_trained_run(tmp_path, capsys):
-    import runpy
-    from pathlib import Path
-
     run = tmp_path / "run"
-    Trainer(tiny(**{"train.steps": 2}), out_dir=run).fit()
+    trainer = Trainer(tiny(**{"train.steps": 2}), out_dir=run)
+    trainer.fit()
     capsys.readouterr()
     script = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "a5_rnn_diagnostics.py"))
+    # the projection leaves a state on the final norm's image (g * u with rms(u) = 1) where it is, and puts a
+    # state off it (scaled) back
+    norm = trainer.model.norm
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 2.0, norm.weight.numel()))
+        u = torch.randn(4, norm.weight.numel())
+        h = norm.weight * u / u.pow(2).mean(-1, keepdim=True).sqrt()
+        project = script["projected"](lambda s, e: s, norm)
+        assert torch.allclose(project(h, None), h, atol=1e-4) and torch.allclose(project(3 * h, None), h, atol=1e-4)
     script["main"]([str(run)])
     out = capsys.readouterr().out
     assert "one-step relative error at positions 2..6" in out and "entries of |g| < 0.05" in out
