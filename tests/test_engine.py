@@ -1,4 +1,10 @@
-"""KV cache, cached decoding and speculative decoding: the equivalences the engine relies on."""
+"""KV cache, cached decoding and speculative decoding: the equivalences the engine relies on.
+
+The models here are random and run in float64. Greedy identity compares argmaxes of logits computed by
+different kernel shapes (cached vs uncached, k-token verify vs 1-token steps); random models have top-2
+logit gaps down to ~1e-5, which float32 rounding (1e-6..1e-5, BLAS dependent) could flip on another CPU.
+In float64 the paths agree to ~1e-14, so every comparison below is decided by the code, not the BLAS.
+"""
 
 from __future__ import annotations
 
@@ -19,8 +25,8 @@ from nextlat.objectives import build_objective
 def tiny(seed: int, vocab: int = 40, std: float = 0.02, layers: int = 2) -> tuple[Transformer, NextLatDrafter]:
     torch.manual_seed(seed)
     model = Transformer(ModelConfig(vocab_size=vocab, n_layer=layers, n_head=2, d_model=32, max_seq_len=160,
-                                    init_std=std)).eval()
-    objective = build_objective(ObjectiveConfig(name="next_latent"), model).eval()
+                                    init_std=std)).eval().double()
+    objective = build_objective(ObjectiveConfig(name="next_latent"), model).eval().double()
     return model, NextLatDrafter(model, objective.dynamics)
 
 
@@ -28,8 +34,8 @@ def tiny_mtp(seed: int, vocab: int = 40, std: float = 0.3, layers: int = 2, hori
     """A random model with MTP heads 1..horizon and their drafter."""
     torch.manual_seed(seed)
     model = Transformer(ModelConfig(vocab_size=vocab, n_layer=layers, n_head=2, d_model=32, max_seq_len=160,
-                                    init_std=std)).eval()
-    objective = build_objective(ObjectiveConfig(name="mtp", horizon=horizon), model).eval()
+                                    init_std=std)).eval().double()
+    objective = build_objective(ObjectiveConfig(name="mtp", horizon=horizon), model).eval().double()
     return model, objective.drafter(model)
 
 
@@ -56,7 +62,7 @@ def test_cached_logits_equal_uncached():
     pieces = [model.logits(model(x[:, :10], cache=cache)[0])]
     for t in range(10, 24, 3):  # chunks of 3, then 2
         pieces.append(model.logits(model(x[:, t : t + 3], cache=cache)[0]))
-    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-12, rtol=1e-12)
     assert cache.lengths.tolist() == [24, 24, 24]
 
 
@@ -72,10 +78,10 @@ def test_targets_with_prompts_of_different_lengths(target_cls):
     h_more = target.run(more)
     for b, p in enumerate(prompts):
         h, _ = model(p[None])
-        torch.testing.assert_close(target.h_last[b], h[0, -1], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(h_new[b], model(torch.cat([p, new[b]])[None])[0][0, len(p):], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(target.h_last[b], h[0, -1], atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(h_new[b], model(torch.cat([p, new[b]])[None])[0][0, len(p):], atol=1e-12, rtol=1e-12)
         kept = torch.cat([p, new[b, : [1, 4, 0][b]], more[b]])
-        torch.testing.assert_close(h_more[b], model(kept[None])[0][0, -2:], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(h_more[b], model(kept[None])[0][0, -2:], atol=1e-12, rtol=1e-12)
 
 
 def test_rollback_forgets_rejected_tokens():
@@ -87,15 +93,15 @@ def test_rollback_forgets_rejected_tokens():
     cache.rollback(torch.tensor([8, 8]))
     h_after, _ = model(c, cache=cache)
     h_clean, _ = model(torch.cat([a, c], 1))
-    torch.testing.assert_close(h_after, h_clean[:, 8:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(h_after, h_clean[:, 8:], atol=1e-12, rtol=1e-12)
     # per-row rollback: row 1 keeps two of the rejected tokens
     cache = model.new_cache(2, 32)
     model(torch.cat([a, rejected], 1), cache=cache)
     cache.rollback(torch.tensor([8, 10]))
     h_after, _ = model(c, cache=cache)
-    torch.testing.assert_close(h_after[0], model(torch.cat([a, c], 1))[0][0, 8:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(h_after[0], model(torch.cat([a, c], 1))[0][0, 8:], atol=1e-12, rtol=1e-12)
     row1 = torch.cat([a[1], rejected[1, :2], c[1]])[None]
-    torch.testing.assert_close(h_after[1], model(row1)[0][0, 10:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(h_after[1], model(row1)[0][0, 10:], atol=1e-12, rtol=1e-12)
     with pytest.raises(ValueError, match="cannot extend"):
         cache.rollback(torch.tensor([40, 40]))
 
@@ -169,7 +175,7 @@ def test_speculative_greedy_on_a_trained_nextlat_model(tmp_path):
     ])
     trainer = Trainer(cfg, out_dir=tmp_path / "run")
     trainer.fit()
-    model, obj = trainer.model.eval(), trainer.objective.eval()
+    model, obj = trainer.model.eval().double(), trainer.objective.eval().double()  # float64: see the module docstring
     drafter = NextLatDrafter(model, obj.dynamics)
     data = trainer.task.test_data()
     prompts = list(data.seqs[:8, : data.prompt_len])

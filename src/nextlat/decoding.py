@@ -16,7 +16,7 @@ def process_logits(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top
     """Apply temperature, top-k and top-p to (..., V) logits; returns the probabilities sampled from."""
     if temperature <= 0:
         raise ValueError(f"temperature={temperature}: must be > 0 for sampling (use greedy for 0)")
-    logits = logits.float() / temperature
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -183,9 +183,14 @@ class A5Data:
 # ----------------------------------------------------------------------------- evaluation
 
 
+def correct_by_position(model, states: Tensor, targets: Tensor) -> Tensor:
+    """(B, L, D) states and (B, L) targets -> (L,) int64: how many rows ``model.logits`` decodes to s_t."""
+    return (model.logits(states).argmax(-1) == targets).sum(0)
+
+
 def accuracy_by_position(model, states: Tensor, targets: Tensor) -> Tensor:
     """(B, L, D) states and (B, L) targets -> (L,) float: how often ``model.logits`` decodes s_t."""
-    return (model.logits(states).argmax(-1) == targets).float().mean(0)
+    return correct_by_position(model, states, targets).float() / targets.shape[0]
 
 
 @torch.no_grad()
@@ -279,11 +284,14 @@ class A5Task(Task):
         - ``acc_last@L``: transformer accuracy at position L (the final state);
         - ``rnn_acc@L`` / ``rnn_acc_last@L``: the same for the dynamics model run as an RNN
           (:func:`rnn_states`), only for objectives with a ``dynamics`` model (NextLat);
-        - ``rnn_norm_ratio@L``: the mean norm of the RNN's state at position L over the mean norm of
-          the transformer's own states at the training positions (1..min(L, train_len)) of the same
-          words. Near 1 the RNN stays on the scale of the states its dynamics model was fitted to;
-          a drift off them shows as a ratio growing with L.
+        - ``rnn_norm_ratio@L``: the mean norm of the RNN's state at position L, over all test words,
+          divided by the mean norm of the transformer's own states at the training positions
+          (1..min(L, train_len)) of the same words. Both means are taken over the whole test set (sums
+          of norms over counts), so the ratio does not depend on how evaluation is chunked. Near 1 the
+          RNN stays on the scale of the states its dynamics model was fitted to; a drift off them shows
+          as a ratio growing with L.
 
+        Accuracies are counts of correct positions over the test set, exact under any chunking.
         Transformer metrics need L <= model.cfg.max_seq_len; longer lengths get only the RNN metrics
         (with a warning). Evaluation is deterministic: ``seed`` is unused.
         """
@@ -301,32 +309,34 @@ class A5Task(Task):
             if not fits:
                 warnings.warn(f"A5 eval length {L} exceeds model.max_seq_len={max_len}: "
                               f"acc@{L} is not computed", stacklevel=2)
-            tf_sum = torch.zeros(L, device=device)
-            rnn_sum = torch.zeros(L, device=device)
-            norm_ratio_sum = 0.0
+            tf_correct = torch.zeros(L, dtype=torch.long, device=device)
+            rnn_correct = torch.zeros(L, dtype=torch.long, device=device)
+            last_norm_sum = torch.zeros((), dtype=torch.float64, device=device)  # RNN state at position L
+            ref_norm_sum = torch.zeros((), dtype=torch.float64, device=device)  # transformer, training positions
+            ref_count = 0
+            T = self.cfg.train_len
             for start in range(0, n, self.EVAL_CHUNK):  # chunks bound memory on large test sets
                 idx = torch.arange(start, min(n, start + self.EVAL_CHUNK))
                 batch = data.get(idx).to(device)
-                rows = len(idx)
-                T = self.cfg.train_len
                 if fits:  # one causal pass serves the accuracy and (its first T states) the norm reference
                     h = model(batch.input_ids)[0]  # (rows, L, D)
-                    tf_sum += rows * accuracy_by_position(model, h, batch.targets)
+                    tf_correct += correct_by_position(model, h, batch.targets)
                 if dynamics is not None:
                     states = rnn_states(model, dynamics, batch.input_ids)  # (rows, L, D)
-                    rnn_sum += rows * accuracy_by_position(model, states, batch.targets)
+                    rnn_correct += correct_by_position(model, states, batch.targets)
                     trained = h[:, :T] if fits else model(batch.input_ids[:, :T])[0]  # (rows, <= T, D)
-                    ratio = states[:, -1].norm(dim=-1).mean() / trained.norm(dim=-1).mean()
-                    norm_ratio_sum += rows * ratio.item()
+                    last_norm_sum += states[:, -1].norm(dim=-1).double().sum()
+                    ref_norm_sum += trained.norm(dim=-1).double().sum()
+                    ref_count += trained.shape[0] * trained.shape[1]
             if fits:
-                per_pos = tf_sum / n
+                per_pos = tf_correct.double() / n
                 out[f"acc@{L}"] = per_pos.mean().item()
                 out[f"acc_last@{L}"] = per_pos[-1].item()
             if dynamics is not None:
-                per_pos = rnn_sum / n
+                per_pos = rnn_correct.double() / n
                 out[f"rnn_acc@{L}"] = per_pos.mean().item()
                 out[f"rnn_acc_last@{L}"] = per_pos[-1].item()
-                out[f"rnn_norm_ratio@{L}"] = norm_ratio_sum / n
+                out[f"rnn_norm_ratio@{L}"] = ((last_norm_sum / n) / (ref_norm_sum / ref_count)).item()
         for m, mode in zip(modules, was_training):
             m.train(mode)
         return out
