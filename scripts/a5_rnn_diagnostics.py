@@ -19,7 +19,7 @@ import sys
 import torch
 
 from nextlat.tasks.a5 import accuracy_by_position, rnn_states
-from nextlat.train import load_components
+from nextlat.training.build import load_components
 
 
 def one_step(model, dynamics, h: torch.Tensor, emb: torch.Tensor, targets: torch.Tensor):

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from nextlat.checkpoint import read_checkpoint, resolve_checkpoint
 from nextlat.cli import main
 from nextlat.config import ConfigError, config_from_dict
 from nextlat.tasks import TASKS, build_task
@@ -27,7 +26,9 @@ from nextlat.tasks.a5 import (
     running_product,
     transformer_accuracy_by_position,
 )
-from nextlat.train import Trainer, build
+from nextlat.training.build import build
+from nextlat.training.checkpoint import read_checkpoint, resolve_checkpoint
+from nextlat.training.loop import Trainer
 
 TINY_A5 = {
     "run_name": "tiny-a5",

@@ -9,12 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nextlat.checkpoint import save_checkpoint
 from nextlat.config import ConfigError
 from nextlat.data import IGNORE, Batch
-from nextlat.engine import CachedTarget
+from nextlat.decoding.engine import CachedTarget
 from nextlat.objectives import OBJECTIVES, BeliefState, JointTokenPrediction, MultiTokenPrediction
-from nextlat.train import Trainer, build, load_components
+from nextlat.training.build import build, load_components
+from nextlat.training.checkpoint import save_checkpoint
+from nextlat.training.loop import Trainer
 
 # ----------------------------------------------------------------------------- helpers
 

@@ -8,7 +8,8 @@ import os
 import pytest
 import torch
 
-from nextlat.checkpoint import (
+from nextlat.training.build import build, load_components
+from nextlat.training.checkpoint import (
     CheckpointError,
     list_checkpoints,
     load_weights,
@@ -16,7 +17,6 @@ from nextlat.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from nextlat.train import build, load_components
 
 
 @pytest.fixture
@@ -140,7 +140,7 @@ def test_checkpoint_folder_ignores_incomplete_saves(saved):
 
 
 def test_trainer_checkpoints_hold_resume_state(run_config, tmp_path):
-    from nextlat.train import Trainer
+    from nextlat.training.loop import Trainer
 
     Trainer(run_config(**{"train.steps": 1}), out_dir=tmp_path).fit()
     (ckpt,) = list_checkpoints(tmp_path)

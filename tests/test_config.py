@@ -20,7 +20,7 @@ from nextlat.config import (
 from nextlat.objectives import OBJECTIVES
 from nextlat.tasks import build_task
 from nextlat.tasks.pathstar import PathStarConfig
-from nextlat.train import build
+from nextlat.training.build import build
 
 
 def _approx_params(cfg: Config, vocab: int) -> int:

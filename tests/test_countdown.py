@@ -28,7 +28,8 @@ from nextlat.tasks.countdown import (
     solve,
     split_targets,
 )
-from nextlat.train import Trainer, build
+from nextlat.training.build import build
+from nextlat.training.loop import Trainer
 
 SMALL = dict(num_train=400, num_test=60, eval_examples=8)
 

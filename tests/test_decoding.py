@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nextlat.decoding import generate, next_tokens, process_logits
+from nextlat.decoding.reference import generate
+from nextlat.decoding.sampling import next_tokens, process_logits
 
 
 def test_greedy_generate_appends_argmax_tokens(make_model, vocab):

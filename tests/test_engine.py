@@ -14,10 +14,10 @@ import math
 import pytest
 import torch
 
-from nextlat import engine
 from nextlat.config import ModelConfig, ObjectiveConfig
-from nextlat.decoding import generate
-from nextlat.engine import CachedTarget, NextLatDrafter, RecomputeTarget, Sampling, decode, speculative_decode
+from nextlat.decoding import engine
+from nextlat.decoding.engine import CachedTarget, NextLatDrafter, RecomputeTarget, Sampling, decode, speculative_decode
+from nextlat.decoding.reference import generate
 from nextlat.model import Transformer
 from nextlat.objectives import build_objective
 
@@ -166,7 +166,7 @@ def test_mtp_drafter_drafts_are_all_accepted_when_heads_agree_with_the_target():
 
 def test_speculative_greedy_on_a_trained_nextlat_model(tmp_path):
     from nextlat.config import load_config
-    from nextlat.train import Trainer
+    from nextlat.training.loop import Trainer
 
     cfg = load_config("pathstar-demo", [
         "model.n_layer=2", "model.d_model=32", "model.n_head=2", "task.num_train=256", "task.num_test=16",

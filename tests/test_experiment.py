@@ -10,11 +10,11 @@ import pytest
 import torch
 import yaml
 
-from nextlat import experiment
 from nextlat.cli import main
 from nextlat.config import ConfigError
-from nextlat.experiment import Arm, Experiment, Metric, plan, report, run_experiment
-from nextlat.sweep import Job, run_jobs
+from nextlat.experiments import runner as experiment
+from nextlat.experiments.runner import Arm, Experiment, Metric, plan, report, run_experiment
+from nextlat.experiments.sweep import Job, run_jobs
 
 
 @pytest.fixture
@@ -90,7 +90,7 @@ def test_run_experiment_tabulates_every_seed_and_skips_finished_runs(tiny_experi
 
 def test_posthoc_arm_fits_its_objective_on_the_source_arms_frozen_backbone(tiny_experiment, tmp_path, monkeypatch):
     """An arm with ``backbone_of`` waits for that arm's run of the same seed, starts from it and keeps its backbone."""
-    from nextlat.train import load_components
+    from nextlat.training.build import load_components
 
     gpt, nl = tiny_experiment.arms("cpu")
     post = Arm("GPT + dynamics", "post", nl.recipe, ("objective.horizon=1",), backbone_of="gpt")
@@ -190,7 +190,7 @@ def test_a5_report_draws_accuracy_by_position(tmp_path, monkeypatch, capsys):
 def test_manhattan_experiment_on_a_given_graph_draws_maps(tmp_path, monkeypatch, capsys):
     """`nextlat experiment manhattan --graph FILE`: every run trains on that graph; each arm gets a map figure."""
     from nextlat.config import config_from_dict
-    from nextlat.world import procedural_city
+    from nextlat.tasks.manhattan.graph import procedural_city
 
     graph = procedural_city(5, 4, seed=2).save(tmp_path / "town.json")
     recipe = tmp_path / "mh.yaml"

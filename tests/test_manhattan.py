@@ -11,9 +11,7 @@ import torch
 from nextlat.config import ConfigError, config_from_dict
 from nextlat.data import IGNORE, doc_ids_from_eos
 from nextlat.tasks import build_task
-from nextlat.tasks.manhattan import ManhattanConfig, ManhattanTask, pack_documents
-from nextlat.train import Trainer, load_components
-from nextlat.world import (
+from nextlat.tasks.manhattan.graph import (
     DIRECTIONS,
     GraphError,
     HeldOutPairs,
@@ -24,7 +22,7 @@ from nextlat.world import (
     sample_pairs,
     shortest_walks,
 )
-from nextlat.world_metrics import (
+from nextlat.tasks.manhattan.metrics import (
     RecomputeModel,
     TransformerWalkModel,
     compression_pairs,
@@ -36,6 +34,9 @@ from nextlat.world_metrics import (
     sequence_compression,
     valid_trajectories,
 )
+from nextlat.tasks.manhattan.task import ManhattanConfig, ManhattanTask, pack_documents
+from nextlat.training.build import load_components
+from nextlat.training.loop import Trainer
 
 Tensor = torch.Tensor
 K = {d: i for i, d in enumerate(DIRECTIONS)}

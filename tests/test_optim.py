@@ -7,7 +7,7 @@ import math
 import pytest
 
 from nextlat.config import TrainConfig
-from nextlat.optim import build_optimizer, lr_at
+from nextlat.training.optim import build_optimizer, lr_at
 
 
 def _lrs(cfg: TrainConfig) -> list[float]:

@@ -17,7 +17,7 @@ from nextlat.tasks.pathstar import (
     generate_graphs,
     sample_graph,
 )
-from nextlat.train import build
+from nextlat.training.build import build
 
 
 def _check_graph(g, degree: int, path_len: int, num_nodes: int) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from nextlat.config import load_config
-from nextlat.train import Trainer
+from nextlat.training.loop import Trainer
 
 
 @pytest.mark.slow

@@ -28,7 +28,8 @@ from nextlat.tasks.text import (
     split_documents,
     write_stream,
 )
-from nextlat.train import Trainer, build
+from nextlat.training.build import build
+from nextlat.training.loop import Trainer
 
 SEP = "\n---\n"
 WORDS = "alpha beta gamma delta the cat sat on a mat def return import class while for if else".split()

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from nextlat.checkpoint import CheckpointError, list_checkpoints
 from nextlat.config import ConfigError
-from nextlat.train import Trainer
+from nextlat.training.checkpoint import CheckpointError, list_checkpoints
+from nextlat.training.loop import Trainer
 
 
 def _records(run_dir) -> list[dict]:

@@ -11,7 +11,7 @@ DEFAULT_RECIPE = "pathstar-demo"
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from nextlat.config import load_config
-    from nextlat.train import Trainer
+    from nextlat.training.loop import Trainer
 
     cfg = load_config(args.recipe or DEFAULT_RECIPE, args.set)
     results = Trainer(cfg, resume=args.resume, out_dir=args.out).fit()
@@ -20,7 +20,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from nextlat.train import load_components, resolve_device
+    from nextlat.training.build import load_components, resolve_device
 
     comps, meta = load_components(args.checkpoint, resolve_device(args.device), task_overrides=args.set)
     metrics = comps.task.evaluate(comps.model, comps.objective, device=resolve_device(args.device), seed=args.seed,
@@ -33,8 +33,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from nextlat.engine import Sampling, decode, speculative_decode
-    from nextlat.train import load_components, resolve_device
+    from nextlat.decoding.engine import Sampling, decode, speculative_decode
+    from nextlat.training.build import load_components, resolve_device
 
     device = resolve_device(args.device)
     comps, _ = load_components(args.checkpoint, device)
@@ -67,7 +67,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_train(args: argparse.Namespace) -> int:
-    from nextlat.bench import bench_train
+    from nextlat.bench.train import bench_train
 
     bench_train(args.recipe, args.set, objectives=args.objectives, horizons=args.horizons, repeats=args.repeats,
                 steps=args.steps, warmup=args.warmup, json_out=args.json)
@@ -78,7 +78,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from nextlat.config import load_config
-    from nextlat.sweep import run_sweep
+    from nextlat.experiments.sweep import run_sweep
 
     cfg = load_config(args.recipe, args.set)  # fail fast on a bad recipe before spawning anything
     out = Path(args.out or f"runs/{cfg.run_name}-sweep")
@@ -89,7 +89,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def _cmd_experiment(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from nextlat.experiment import default_folder, report, run_experiment
+    from nextlat.experiments.runner import default_folder, report, run_experiment
 
     if args.seeds < 1:
         raise ValueError(f"--seeds {args.seeds}: must be >= 1")
@@ -115,7 +115,7 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_decode(args: argparse.Namespace) -> int:
-    from nextlat.bench import bench_decode
+    from nextlat.bench.decode import bench_decode
 
     bench_decode(args.checkpoint, n_prompts=args.prompts, prompt_len=args.prompt_len,
                  max_new_tokens=args.max_new_tokens, gammas=args.gammas, adaptive=args.adaptive,
@@ -231,8 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from nextlat.checkpoint import CheckpointError
     from nextlat.config import ConfigError
+    from nextlat.training.checkpoint import CheckpointError
 
     args = build_parser().parse_args(argv)
     try:

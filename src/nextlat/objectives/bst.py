@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from nextlat.config import ObjectiveConfig
 from nextlat.data import IGNORE, Batch
-from nextlat.decoding import next_tokens
+from nextlat.decoding.sampling import next_tokens
 from nextlat.model import Transformer, init_weights
 from nextlat.objectives.base import LossOutput, Objective, ce_term
 

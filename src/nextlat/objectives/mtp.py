@@ -37,7 +37,7 @@ class MultiTokenPrediction(FutureTokenObjective):
         """Normalised output (B, T, D) of head k on the trunk's residual stream x (B, T, D).
 
         Head k >= 1 uses layer k - 1 of a cache in ``ctx``: heads 1..d keep a cache of their own
-        (:class:`nextlat.engine.MTPDrafter`), never the backbone's.
+        (:class:`nextlat.decoding.engine.MTPDrafter`), never the backbone's.
         """
         if k == 0:
             n = model.cfg.n_layer
@@ -55,7 +55,7 @@ class MultiTokenPrediction(FutureTokenObjective):
         return LossOutput(terms)
 
     def drafter(self, model: Transformer):
-        """Fixed-horizon speculative drafts from heads 1..d (:class:`nextlat.engine.MTPDrafter`)."""
-        from nextlat.engine import MTPDrafter  # local: the engine is optional for training
+        """Fixed-horizon speculative drafts from heads 1..d (:class:`nextlat.decoding.engine.MTPDrafter`)."""
+        from nextlat.decoding.engine import MTPDrafter  # local: the engine is optional for training
 
         return MTPDrafter(model, self)

@@ -50,7 +50,7 @@ class NextLatent(Objective):
         self.dynamics = LatentDynamics(mc.d_model, cfg.proj_factor, mc.init_std, mc.norm_eps)
 
     def drafter(self, model: Transformer):
-        from nextlat.engine import NextLatDrafter  # local: the engine is optional for training
+        from nextlat.decoding.engine import NextLatDrafter  # local: the engine is optional for training
 
         return NextLatDrafter(model, self.dynamics)
 

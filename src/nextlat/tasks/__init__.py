@@ -8,7 +8,7 @@ from nextlat.config import TaskConfig
 from nextlat.tasks.a5 import A5Task
 from nextlat.tasks.base import Task
 from nextlat.tasks.countdown import CountdownTask
-from nextlat.tasks.manhattan import ManhattanTask
+from nextlat.tasks.manhattan.task import ManhattanTask
 from nextlat.tasks.pathstar import PathStarTask
 from nextlat.tasks.text import TextTask
 

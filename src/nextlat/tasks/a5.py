@@ -29,7 +29,7 @@ from torch import Tensor
 from nextlat.config import ConfigError, TaskConfig
 from nextlat.data import Batch
 from nextlat.tasks.base import Task
-from nextlat.vocab import WordTokenizer
+from nextlat.tasks.vocab import WordTokenizer
 
 Perm = tuple[int, ...]
 

@@ -34,9 +34,9 @@ from torch import Tensor
 
 from nextlat.config import ConfigError, TaskConfig
 from nextlat.data import IGNORE, Batch
-from nextlat.decoding import generate
+from nextlat.decoding.reference import generate
 from nextlat.tasks.base import Task
-from nextlat.vocab import WordTokenizer
+from nextlat.tasks.vocab import WordTokenizer
 
 MAX_VALUE = 10000
 """Largest number (and number token); no input or intermediate result may exceed it."""

@@ -21,9 +21,9 @@ from torch import Tensor
 
 from nextlat.config import ConfigError, TaskConfig
 from nextlat.data import IGNORE, Batch
-from nextlat.decoding import generate
+from nextlat.decoding.reference import generate
 from nextlat.tasks.base import Task
-from nextlat.vocab import WordTokenizer
+from nextlat.tasks.vocab import WordTokenizer
 
 
 @dataclass

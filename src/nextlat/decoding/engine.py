@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from nextlat.decoding import process_logits
+from nextlat.decoding.sampling import process_logits
 from nextlat.model import KVCache, LayerContext, Transformer
 
 

@@ -1,7 +1,7 @@
 """Manhattan world model (Vafa et al., arXiv 2406.03689; NextLat paper Table 1).
 
 A model learns to navigate a street graph from traversals written ``origin destination dir ...
-dir end`` (see :mod:`nextlat.world`). The graph is a JSON file given by ``task.graph`` (the real
+dir end`` (see :mod:`nextlat.tasks.manhattan.graph`). The graph is a JSON file given by ``task.graph`` (the real
 Manhattan graph has 4579 intersections) or, when empty, a small procedural city.
 
 **Corpora.** ``shortest``: canonical shortest routes between uniformly random origin/destination
@@ -21,7 +21,7 @@ not scored (the next-latent term still sees every position of a walk).
 of legal top-1 predictions, teacher-forced on held-out walks) and ``val_loss``; ``valid`` (greedy
 traversals for held-out pairs at most ``valid_max_dist`` moves apart); ``compression``;
 ``eff_rank``; ``detour``; ``map_*`` counts of true and invented streets in the valid-trajectory
-traversals. Definitions in :mod:`nextlat.world_metrics`. Decoding uses the backbone's next-token
+traversals. Definitions in :mod:`nextlat.tasks.manhattan.metrics`. Decoding uses the backbone's next-token
 head for every objective.
 """
 
@@ -37,7 +37,7 @@ from torch import Tensor
 from nextlat.config import ConfigError, TaskConfig
 from nextlat.data import IGNORE, Batch
 from nextlat.tasks.base import Task
-from nextlat.world import (
+from nextlat.tasks.manhattan.graph import (
     HeldOutPairs,
     StreetGraph,
     Walks,
@@ -47,7 +47,7 @@ from nextlat.world import (
     sample_pairs,
     shortest_walks,
 )
-from nextlat.world_metrics import (
+from nextlat.tasks.manhattan.metrics import (
     as_walk_model,
     compression_pairs,
     detour_robustness,
@@ -66,7 +66,7 @@ GRAPH_ARTIFACT = "graph.json"
 class ManhattanConfig(TaskConfig):
     name: str = "manhattan"
     graph: str = ""
-    """Street-graph JSON file (format in nextlat.world); empty: the procedural city of the city_* keys."""
+    """Street-graph JSON file (format in nextlat.tasks.manhattan.graph); empty: the procedural city of the city_* keys."""
     city_width: int = 12
     """Procedural city: intersections per east-west street."""
     city_height: int = 12

@@ -2,7 +2,7 @@
 
 An experiment is a list of *arms* (a recipe plus overrides, e.g. MTP at d = 4), a list of metrics
 read from each run's final evaluation, the paper's numbers for the same rows, and optional figures.
-``run_experiment`` queues every (arm, seed) run at once (:func:`nextlat.sweep.run_jobs`), skips
+``run_experiment`` queues every (arm, seed) run at once (:func:`nextlat.experiments.sweep.run_jobs`), skips
 finished runs and resumes interrupted ones, then writes ``results.md`` and ``results.json`` (every
 seed's value, mean and standard deviation, the paper's value) and the figures into the
 experiment folder. ``report`` redoes the table and figures from whatever runs have finished.
@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nextlat.checkpoint import atomic_write_text
 from nextlat.config import ConfigError, load_config
-from nextlat.sweep import Job, finished_runs, is_finished, run_jobs, seed_results, stats_of
+from nextlat.experiments.sweep import Job, finished_runs, is_finished, run_jobs, seed_results, stats_of
+from nextlat.training.checkpoint import atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -105,8 +105,8 @@ def _trained_models(out: Path, arm: Arm, seeds: list[int]) -> Iterator[tuple[Pat
     """(run folder, components) of the arm's finished runs, on the GPU when there is one. A finished run whose
     checkpoints are gone (results copied from another machine without them) is left out of the figures with a
     note; its numbers still count in the table."""
-    from nextlat.checkpoint import CheckpointError, resolve_checkpoint
-    from nextlat.train import load_components, resolve_device
+    from nextlat.training.build import load_components, resolve_device
+    from nextlat.training.checkpoint import CheckpointError, resolve_checkpoint
 
     for run in finished_runs(out / arm.slug, seeds):
         try:
@@ -121,7 +121,7 @@ def _a5_figures(out: Path, arms: list[Arm], seeds: list[int]) -> dict[str, Any]:
     """Accuracy by position on the longest test words, per arm (and the NextLat dynamics run as an RNN)."""
     import torch
 
-    from nextlat.plots import plot_curves
+    from nextlat.experiments.plots import plot_curves
     from nextlat.tasks.a5 import rnn_accuracy_by_position, transformer_accuracy_by_position
 
     per_label: dict[str, list[list[float]]] = {}
@@ -156,7 +156,7 @@ def _manhattan_arms(scale: str) -> list[Arm]:
 
 def _manhattan_figures(out: Path, arms: list[Arm], seeds: list[int]) -> dict[str, Any]:
     """Map reconstruction of each arm's first finished seed: the streets its greedy traversals use or invent."""
-    from nextlat.world_metrics import draw_map, map_reconstruction, valid_trajectories
+    from nextlat.tasks.manhattan.metrics import draw_map, map_reconstruction, valid_trajectories
 
     maps = {}
     for arm in arms:
@@ -314,7 +314,7 @@ def report(name: str, scale: str, seeds: list[int], out: Path) -> dict[str, Any]
     result: dict[str, Any] = {"experiment": name, "scale": scale, "seeds": seeds, "rows": rows,
                               "paper_note": exp.paper_note}
     if any(r["metrics"] for r in rows):
-        from nextlat.plots import plot_bars
+        from nextlat.experiments.plots import plot_bars
 
         first = exp.metrics[0]
         plot_bars(rows, first.key, first.label, out / f"{name}.png", title=f"{name} ({scale} scale)",

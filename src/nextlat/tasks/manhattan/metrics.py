@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nextlat.world import DIRECTIONS, UNIT, StreetGraph, WalkTokenizer
+from nextlat.tasks.manhattan.graph import DIRECTIONS, UNIT, StreetGraph, WalkTokenizer
 
 # ----------------------------------------------------------------------------- model interface
 

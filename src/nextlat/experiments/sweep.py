@@ -2,7 +2,7 @@
 
 Each run trains in its own process (``nextlat train --resume``) in its own folder, so an
 interrupted sweep or experiment picks up where it stopped and finished runs are skipped. A sweep
-is one recipe over seeds (``<out>/seed_<k>``); an experiment (:mod:`nextlat.experiment`) queues
+is one recipe over seeds (``<out>/seed_<k>``); an experiment (:mod:`nextlat.experiments.runner`) queues
 the runs of all its arms at once so that no core idles while another arm finishes. Summaries list
 every seed's final evaluation (never only the best) plus mean and standard deviation.
 """
@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nextlat.checkpoint import CheckpointError, atomic_write_text
 from nextlat.config import ConfigError, config_from_dict, load_config, read_yaml
+from nextlat.training.checkpoint import CheckpointError, atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ def run_sweep(recipe: str, seeds: list[int], overrides: list[str], out: Path, jo
 def check_finished(job: Job) -> None:
     """Refuse to count a finished run that was trained with other settings than ``job`` asks for (e.g. another
     graph or objective in the same folder); an unfinished one is checked by ``nextlat train --resume``."""
-    from nextlat.train import check_compatible  # local: the trainer pulls in every task and objective
+    from nextlat.training.runs import check_compatible  # local: the trainer pulls in every task and objective
 
     planned = load_config(job.recipe, [*job.overrides, f"train.seed={job.seed}"])
     saved = config_from_dict(read_yaml(job.run_dir / "config.yaml"))

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from nextlat.config import ConfigError
-from nextlat.vocab import WordTokenizer
+from nextlat.tasks.vocab import WordTokenizer
 
 DIRECTIONS: tuple[str, ...] = ("E", "N", "NE", "NW", "S", "SE", "SW", "W")
 """The eight compass directions; their order fixes direction indices and the canonical shortest paths."""

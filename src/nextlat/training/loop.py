@@ -8,27 +8,25 @@ data of step s is a pure function of (seed, s) and all other state is in the che
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
-import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
-
-try:
-    import fcntl
-except ImportError:  # Windows: no advisory file locks
-    fcntl = None
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from nextlat.checkpoint import (
+from nextlat.config import Config, ConfigError, TrainConfig
+from nextlat.data import Batch, StatelessSampler
+from nextlat.model import Transformer
+from nextlat.objectives import Objective
+from nextlat.objectives.base import mean_parts
+from nextlat.training.build import Components, autocast_context, build, resolve_device
+from nextlat.training.checkpoint import (
     Checkpoint,
     CheckpointError,
     atomic_write_text,
@@ -40,90 +38,8 @@ from nextlat.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from nextlat.config import Config, ConfigError, TrainConfig, with_task_overrides
-from nextlat.data import Batch, StatelessSampler
-from nextlat.model import Transformer
-from nextlat.objectives import Objective, build_objective
-from nextlat.objectives.base import mean_parts
-from nextlat.optim import build_optimizer, lr_at, named_parameters
-from nextlat.tasks import Task, build_task
-
-# Settings that may change when a run is resumed (they do not affect the trained weights).
-RESUMABLE_CHANGES = {"steps", "progress", "log_every", "eval_every", "ckpt_every", "keep_checkpoints", "threads"}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name!r}: CUDA is not available on this machine")
-    return torch.device(name)
-
-
-def autocast_context(device: torch.device, precision: str):
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if use_bf16:
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-@dataclass
-class Components:
-    """Everything a configuration builds: task, backbone, objective (vocab size resolved)."""
-
-    cfg: Config
-    task: Task
-    model: Transformer
-    objective: Objective
-
-
-def build(cfg: Config, device: torch.device | str = "cpu", *, ckpt_dir: str | Path | None = None) -> Components:
-    """Build task, model and objective; fills ``model.vocab_size`` from the task's vocabulary.
-
-    ``ckpt_dir``: build the task of that checkpoint (its stored tokenizer rather than one rebuilt from data).
-    """
-    task = build_task(cfg.task, ckpt_dir)
-    vocab = task.vocab_size
-    if cfg.model.vocab_size == 0:
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
-    elif cfg.model.vocab_size < vocab:
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the task's vocabulary ({vocab})")
-    torch.manual_seed(cfg.train.seed)
-    model = Transformer(cfg.model).to(device)
-    objective = build_objective(cfg.objective, model).to(device)
-    return Components(cfg, task, model, objective)
-
-
-def load_components(path: str | Path, device: torch.device | str = "cpu",
-                    task_overrides: list[str] | None = None) -> tuple[Components, dict[str, Any]]:
-    """Build the model and objective of a checkpoint and load its weights (strict, no pickle).
-
-    ``task_overrides`` (``task.KEY=VALUE``, see :func:`with_task_overrides`) change how the task
-    evaluates the trained model, e.g. ``task.eval_lengths=[18]``.
-    """
-    ckpt = read_checkpoint(resolve_checkpoint(path))
-    cfg = with_task_overrides(ckpt.cfg, task_overrides) if task_overrides else ckpt.cfg
-    comps = build(cfg, device, ckpt_dir=ckpt.path)
-    load_weights(ckpt, comps.model, comps.objective)
-    return comps, ckpt.meta
-
-
-class MetricsLog:
-    """Append-only JSONL log of metrics."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def write(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def truncate_after(self, step: int) -> None:
-        """Drop records past ``step`` (they belong to an interrupted stretch that will be re-run)."""
-        if not self.path.exists():
-            return
-        keep = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        atomic_write_text(self.path, "".join(line + "\n" for line in keep))
+from nextlat.training.optim import build_optimizer, lr_at, named_parameters
+from nextlat.training.runs import MetricsLog, check_compatible, lock_run_folder
 
 
 class Trainer:
@@ -135,7 +51,7 @@ class Trainer:
         self.out = Path(out_dir) if out_dir is not None else cfg.output_dir
         self.start_step = 0
         resume_from = self._check_out_dir(cfg, resume)
-        self._lock = _lock_run_folder(self.out)
+        self._lock = lock_run_folder(self.out)
         init = read_checkpoint(resolve_checkpoint(t.init_from)) if t.init_from and resume_from is None else None
         # A resumed or initialised run keeps its checkpoint's tokenizer.
         comps = build(cfg, self.device, ckpt_dir=resume_from or (init.path if init else None))
@@ -284,28 +200,6 @@ def optimizer_step(model: Transformer, objective: Objective, optimizer: torch.op
     return metrics
 
 
-def _lock_run_folder(out: Path) -> IO[str] | None:
-    """Hold an exclusive advisory lock on ``out/.lock`` so that two processes never train into one folder.
-
-    The operating system drops the lock when the process ends, however it ends, so a crashed run never
-    leaves a stale lock behind. Without ``fcntl`` (Windows) no lock is taken."""
-    if fcntl is None:
-        return None
-    handle = open(out / ".lock", "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        owner = handle.read().strip() or "unknown"
-        handle.close()
-        raise ConfigError(f"run folder {str(out)!r} is being trained by another process (pid {owner}); "
-                          "wait for it or choose another out_dir (nothing was touched)") from None
-    handle.truncate(0)
-    handle.write(str(os.getpid()))
-    handle.flush()
-    return handle
-
-
 def _initialise(init: Checkpoint, comps: Components) -> None:
     """Start from ``init``'s backbone, and from its objective's weights too when they fit this run's objective
     (same objective with the same parameter names and shapes, e.g. a NextLat dynamics model trained at
@@ -317,23 +211,6 @@ def _initialise(init: Checkpoint, comps: Components) -> None:
     with_objective = init.cfg.objective.name == comps.cfg.objective.name and objective_fits(init, comps.objective)
     load_weights(init, comps.model, comps.objective if with_objective else None)
     print(f"[nextlat] initialised from {init.path} (backbone{' and objective' if with_objective else ''})")
-
-
-def check_compatible(saved: Config, new: Config) -> None:
-    """Raise CheckpointError if ``new`` changes anything of ``saved`` that a resumed run must keep (everything but
-    the run's name and the train settings in RESUMABLE_CHANGES)."""
-    a, b = saved.to_dict(), new.to_dict()
-    a.pop("run_name", None)
-    b.pop("run_name", None)
-    b["model"]["vocab_size"] = a["model"]["vocab_size"] if b["model"]["vocab_size"] == 0 else b["model"]["vocab_size"]
-    for section in a:
-        if section == "train":
-            for k in a[section]:
-                if k not in RESUMABLE_CHANGES and a[section][k] != b[section][k]:
-                    raise CheckpointError(f"train.{k} changed from {a[section][k]!r} to {b[section][k]!r}")
-        elif a[section] != b[section]:
-            raise CheckpointError(f"'{section}' differs from the checkpoint's configuration "
-                                  f"({a[section]!r} vs {b[section]!r})")
 
 
 def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:

@@ -1,0 +1,1 @@
+"""Benchmarks: training-step cost and decoding speed, measured side by side."""

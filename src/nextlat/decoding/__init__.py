@@ -1,0 +1,1 @@
+"""Decoding: sampling, reference generation, the KV-cached engine and its drafters."""

@@ -1,0 +1,1 @@
+"""The paper's experiments: arms over seeds, queued runs, tables and figures."""
