@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import pytest
 import torch
 
-from nextlat.config import Config, ModelConfig, ObjectiveConfig, config_from_dict
+from nextlat.config import Config, ModelConfig, with_settings
 from nextlat.data import IGNORE, Batch
 from nextlat.model import Transformer
-from nextlat.objectives import build_objective
+from nextlat.registry import build_objective, config_from_dict, objective_config
 
 # The test machine is shared: keep torch to one intra-op thread (also makes CPU results deterministic).
 torch.set_num_threads(1)
@@ -31,22 +30,12 @@ TINY_RUN: dict[str, Any] = {
 }
 
 
-def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
-    *path, last = key.split(".")
-    for part in path:
-        data = data.setdefault(part, {})
-    data[last] = value
-
-
 @pytest.fixture
 def run_config():
     """Factory: the tiny Path-Star run config, with dotted-key overrides, e.g. ``run_config(**{"train.steps": 6})``."""
 
     def make(overrides: dict[str, Any] | None = None, **kw: Any) -> Config:
-        data = copy.deepcopy(TINY_RUN)
-        for key, value in {**(overrides or {}), **kw}.items():
-            _set_dotted(data, key, value)
-        return config_from_dict(data)
+        return config_from_dict(with_settings(TINY_RUN, {**(overrides or {}), **kw}))
 
     return make
 
@@ -85,7 +74,7 @@ def make_objective():
 
     def make(model: Transformer, seed: int = 1, **kw: Any):
         torch.manual_seed(seed)
-        return build_objective(ObjectiveConfig(**kw), model)
+        return build_objective(objective_config(**kw), model)
 
     return make
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import itertools
 import json
 import runpy
@@ -12,8 +11,8 @@ import pytest
 import torch
 
 from nextlat.cli import main
-from nextlat.config import ConfigError, config_from_dict
-from nextlat.tasks import TASKS, build_task
+from nextlat.config import ConfigError, with_settings
+from nextlat.registry import build_task, config_from_dict, task_class
 from nextlat.tasks.a5 import (
     ELEMENTS,
     IDENTITY,
@@ -42,11 +41,7 @@ TINY_A5 = {
 
 
 def tiny(**overrides):
-    data = copy.deepcopy(TINY_A5)
-    for key, value in overrides.items():
-        section, name = key.split(".")
-        data[section][name] = value
-    return config_from_dict(data)
+    return config_from_dict(with_settings(TINY_A5, overrides))
 
 
 def perm_matrix(p: tuple[int, ...]) -> torch.Tensor:
@@ -142,7 +137,7 @@ def test_bad_config_values_raise(key, value, pattern):
 
 
 def test_registered_and_prompts():
-    assert TASKS["a5"] is A5Task
+    assert task_class("a5") is A5Task
     task = build_task(A5Config(train_len=5))
     prompts = task.prompts(3)
     assert len(prompts) == 3 and all(p.shape == (5,) and p.dtype == torch.long for p in prompts)

@@ -12,7 +12,10 @@ import torch.nn.functional as F
 from nextlat.config import ConfigError
 from nextlat.data import IGNORE, Batch
 from nextlat.decoding.engine import CachedTarget
-from nextlat.objectives import OBJECTIVES, BeliefState, JointTokenPrediction, MultiTokenPrediction
+from nextlat.objectives.bst import BeliefState
+from nextlat.objectives.jtp import JointTokenPrediction
+from nextlat.objectives.mtp import MultiTokenPrediction
+from nextlat.registry import OBJECTIVES, objective_class, objective_settings
 from nextlat.training.build import build, load_components
 from nextlat.training.checkpoint import save_checkpoint
 from nextlat.training.loop import Trainer
@@ -413,7 +416,7 @@ def test_pathstar_evaluates_bst_with_goal_conditioned_decoding(run_config):
 @pytest.mark.parametrize("name", ["mtp", "jtp", "bst"])
 def test_micro_batches_with_global_counts_are_exact(make_model, make_objective, lm_batch, name):
     model = make_model()
-    obj = make_objective(model, name=name, horizon=2)
+    obj = make_objective(model, name=name, **({} if name == "bst" else {"horizon": 2}))
     whole = obj(model, lm_batch).loss()
     micro = lm_batch.split(2)
     counts = obj.total_counts(micro)
@@ -440,7 +443,7 @@ def test_checkpoint_round_trip(run_config, tmp_path, name):
     path = save_checkpoint(tmp_path / "checkpoints" / "step_0000001", cfg=comps.cfg, model=comps.model,
                            objective=comps.objective, step=1)
     loaded, meta = load_components(path)
-    assert meta["step"] == 1 and loaded.cfg == comps.cfg and isinstance(loaded.objective, OBJECTIVES[name])
+    assert meta["step"] == 1 and loaded.cfg == comps.cfg and isinstance(loaded.objective, objective_class(name))
     for a, b in ((comps.model, loaded.model), (comps.objective, loaded.objective)):
         sa, sb = a.state_dict(), b.state_dict()
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -448,15 +451,19 @@ def test_checkpoint_round_trip(run_config, tmp_path, name):
     assert torch.equal(comps.objective(comps.model, batch).loss(), loaded.objective(loaded.model, batch).loss())
 
 
-@pytest.mark.parametrize("key, value, pattern", [
-    ("lambda_future", -1.0, r"objective\.lambda_future=-1\.0: must be >= 0"),
-    ("bst_pair_fraction", 0.0, r"objective\.bst_pair_fraction=0\.0: must be in \(0, 1\]"),
-    ("bst_pair_fraction", 1.5, r"objective\.bst_pair_fraction=1\.5"),
+@pytest.mark.parametrize("name, key, value, pattern", [
+    ("mtp", "lambda_future", -1.0, r"objective\.lambda_future=-1\.0: must be >= 0"),
+    ("jtp", "horizon", 0, r"objective\.horizon=0: must be >= 1"),
+    ("bst", "bst_pair_fraction", 0.0, r"objective\.bst_pair_fraction=0\.0: must be in \(0, 1\]"),
+    ("bst", "bst_pair_fraction", 1.5, r"objective\.bst_pair_fraction=1\.5"),
+    # each objective takes only its own settings
+    ("bst", "horizon", 2, r"unknown key objective\.horizon \(known under objective: name, bst_pair_fraction\)"),
+    ("next_latent", "lambda_future", 1.0, r"unknown key objective\.lambda_future"),
 ])
-def test_bad_objective_settings_are_named(run_config, key, value, pattern):
+def test_bad_objective_settings_are_named(run_config, name, key, value, pattern):
     with pytest.raises(ConfigError, match=pattern):
-        run_config(**{f"objective.{key}": value})
+        run_config(**{"objective.name": name, f"objective.{key}": value})
 
 
 def test_only_horizon_free_objectives_skip_the_horizon_sweep():
-    assert {name for name, cls in OBJECTIVES.items() if not cls.uses_horizon} == {"next_token", "bst"}
+    assert {name for name in OBJECTIVES if "horizon" not in objective_settings(name)} == {"next_token", "bst"}

@@ -10,8 +10,9 @@ import re
 import pytest
 import torch
 
-from nextlat.config import ConfigError, config_from_dict
+from nextlat.config import ConfigError, with_settings
 from nextlat.data import IGNORE
+from nextlat.registry import config_from_dict
 from nextlat.tasks.countdown import (
     ANSWER_TOKENS,
     MAX_VALUE,
@@ -43,13 +44,7 @@ def _tiny_run(**overrides) -> dict:
         "train": {"steps": 3, "batch_size": 8, "lr": 1e-3, "log_every": 1, "progress": False, "device": "cpu",
                   "precision": "fp32", "seed": 0},
     }
-    for key, value in overrides.items():
-        *path, last = key.split(".")
-        node = run
-        for part in path:
-            node = node[part]
-        node[last] = value
-    return run
+    return with_settings(run, overrides)
 
 
 @pytest.fixture(scope="module")

@@ -14,19 +14,19 @@ import math
 import pytest
 import torch
 
-from nextlat.config import ModelConfig, ObjectiveConfig
+from nextlat.config import ModelConfig
 from nextlat.decoding import engine
 from nextlat.decoding.engine import CachedTarget, NextLatDrafter, RecomputeTarget, Sampling, decode, speculative_decode
 from nextlat.decoding.reference import generate
 from nextlat.model import Transformer
-from nextlat.objectives import build_objective
+from nextlat.registry import build_objective, objective_config
 
 
 def tiny(seed: int, vocab: int = 40, std: float = 0.02, layers: int = 2) -> tuple[Transformer, NextLatDrafter]:
     torch.manual_seed(seed)
     model = Transformer(ModelConfig(vocab_size=vocab, n_layer=layers, n_head=2, d_model=32, max_seq_len=160,
                                     init_std=std)).eval().double()
-    objective = build_objective(ObjectiveConfig(name="next_latent"), model).eval().double()
+    objective = build_objective(objective_config("next_latent"), model).eval().double()
     return model, NextLatDrafter(model, objective.dynamics)
 
 
@@ -35,7 +35,7 @@ def tiny_mtp(seed: int, vocab: int = 40, std: float = 0.3, layers: int = 2, hori
     torch.manual_seed(seed)
     model = Transformer(ModelConfig(vocab_size=vocab, n_layer=layers, n_head=2, d_model=32, max_seq_len=160,
                                     init_std=std)).eval().double()
-    objective = build_objective(ObjectiveConfig(name="mtp", horizon=horizon), model).eval().double()
+    objective = build_objective(objective_config("mtp", horizon=horizon), model).eval().double()
     return model, objective.drafter(model)
 
 
@@ -165,7 +165,7 @@ def test_mtp_drafter_drafts_are_all_accepted_when_heads_agree_with_the_target():
 
 
 def test_speculative_greedy_on_a_trained_nextlat_model(tmp_path):
-    from nextlat.config import load_config
+    from nextlat.registry import load_config
     from nextlat.training.loop import Trainer
 
     cfg = load_config("pathstar-demo", [

@@ -151,7 +151,7 @@ def test_shipped_experiments_plan_from_shipped_recipes(name, tmp_path):
 
 def test_a5_report_draws_accuracy_by_position(tmp_path, monkeypatch, capsys):
     """The A5 figure: per-position accuracy of each arm on the longest test words, plus the NextLat RNN curve."""
-    from nextlat.config import config_from_dict
+    from nextlat.registry import config_from_dict
 
     recipe = tmp_path / "a5.yaml"
     recipe.write_text(config_from_dict({
@@ -189,7 +189,7 @@ def test_a5_report_draws_accuracy_by_position(tmp_path, monkeypatch, capsys):
 
 def test_manhattan_experiment_on_a_given_graph_draws_maps(tmp_path, monkeypatch, capsys):
     """`nextlat experiment manhattan --graph FILE`: every run trains on that graph; each arm gets a map figure."""
-    from nextlat.config import config_from_dict
+    from nextlat.registry import config_from_dict
     from nextlat.tasks.manhattan.graph import procedural_city
 
     graph = procedural_city(5, 4, seed=2).save(tmp_path / "town.json")

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from nextlat.config import ConfigError, config_from_dict
+from nextlat.config import ConfigError
 from nextlat.data import IGNORE, doc_ids_from_eos
-from nextlat.tasks import build_task
+from nextlat.registry import build_task, config_from_dict
 from nextlat.tasks.manhattan.graph import (
     DIRECTIONS,
     GraphError,

@@ -10,7 +10,9 @@ import torch.nn.functional as F
 
 from nextlat.data import IGNORE, Batch
 from nextlat.model import RMSNorm
-from nextlat.objectives import LatentDynamics, LossOutput, NextLatent, NextToken
+from nextlat.objectives.base import LossOutput
+from nextlat.objectives.next_latent import LatentDynamics, NextLatent
+from nextlat.objectives.next_token import NextToken
 
 # ----------------------------------------------------------------------------- reference
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from nextlat.config import load_config
+from nextlat.registry import load_config
 from nextlat.training.loop import Trainer
 
 

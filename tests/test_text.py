@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from nextlat.cli import main
-from nextlat.config import ConfigError, config_from_dict, load_config, recipe_names
+from nextlat.config import ConfigError, recipe_names
 from nextlat.data import IGNORE, doc_ids_from_eos
-from nextlat.tasks import build_task
+from nextlat.registry import build_task, config_from_dict, load_config
 from nextlat.tasks import text as text_mod
 from nextlat.tasks.text import (
     BPETokenizer,

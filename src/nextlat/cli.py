@@ -10,7 +10,7 @@ DEFAULT_RECIPE = "pathstar-demo"
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from nextlat.config import load_config
+    from nextlat.registry import load_config
     from nextlat.training.loop import Trainer
 
     cfg = load_config(args.recipe or DEFAULT_RECIPE, args.set)
@@ -77,8 +77,8 @@ def _cmd_bench_train(args: argparse.Namespace) -> int:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from nextlat.config import load_config
     from nextlat.experiments.sweep import run_sweep
+    from nextlat.registry import load_config
 
     cfg = load_config(args.recipe, args.set)  # fail fast on a bad recipe before spawning anything
     out = Path(args.out or f"runs/{cfg.run_name}-sweep")
@@ -127,7 +127,8 @@ def _cmd_bench_decode(args: argparse.Namespace) -> int:
 
 
 def _cmd_recipes(args: argparse.Namespace) -> int:
-    from nextlat.config import load_config, recipe_names
+    from nextlat.config import recipe_names
+    from nextlat.registry import load_config
 
     for name in recipe_names():
         cfg = load_config(name)

@@ -1,18 +1,24 @@
-"""Typed run configuration, YAML recipes and dotted command-line overrides.
+"""Typed run configuration, YAML recipes with ``base:``, and dotted ``--set`` overrides.
 
 A recipe is a serialised :class:`Config`. Loading is strict: unknown keys, wrong types and
-impossible values raise :class:`ConfigError` naming the offending key and value. Task settings
-are polymorphic: ``task.name`` selects the dataclass that validates the rest of ``task``.
+impossible values raise :class:`ConfigError` naming the offending key and value. The objective and
+task sections are polymorphic: their ``name`` selects the dataclass (a subclass of
+:class:`ObjectiveConfig` or :class:`TaskConfig`, defined beside its component) that validates the rest
+of the section. This module imports no component and no torch: the caller passes a
+:data:`SectionResolver` that maps (section, name) to that dataclass; :mod:`nextlat.registry` binds
+its own tables to the functions here (``registry.load_config``).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -47,22 +53,14 @@ class ModelConfig:
 
 @dataclass
 class ObjectiveConfig:
-    """Training objective and its auxiliary terms (DESIGN.md sections 1 and 2)."""
+    """Base of every objective's settings: ``name`` selects the objective, whose module defines the subclass
+    holding its own fields (``objective.horizon``, ``objective.lambda_h``, ...) and their validation."""
 
     name: str = "next_token"
-    """Objective name: next_token | next_latent | mtp | jtp | bst."""
-    horizon: int = 1
-    """Rollout / prediction horizon d (next_latent: dynamics steps; mtp: extra heads; jtp: future tokens)."""
-    lambda_h: float = 1.0
-    """next_latent: weight of the Smooth-L1 next-hidden-state loss."""
-    lambda_kl: float = 1.0
-    """next_latent: weight of the KL loss through the detached LM head."""
-    proj_factor: float = 1.0
-    """next_latent: dynamics MLP width H = 128 * round(proj_factor * 2D / 128)."""
-    lambda_future: float = 1.0
-    """mtp / jtp: weight lambda of the mean future-token loss (0 gives exactly next-token training)."""
-    bst_pair_fraction: float = 1.0
-    """bst: share of each sequence's valid (prefix, suffix) pairs scored per step (1 scores every pair once)."""
+    """Objective name (``nextlat recipes`` and the registry list them)."""
+
+    has_parameters: ClassVar[bool] = True
+    """Whether the objective owns parameters besides the backbone's (``train.freeze_backbone`` needs some)."""
 
 
 @dataclass
@@ -124,13 +122,20 @@ class TrainConfig:
 
 @dataclass
 class TaskConfig:
-    """Base class of the task settings; ``name`` selects the subclass."""
+    """Base of every task's settings; ``name`` selects the task, whose module defines the subclass."""
 
     name: str = "pathstar"
-    """Task name (see nextlat.tasks)."""
+    """Task name (see nextlat.registry)."""
 
 
-@dataclass
+SectionResolver = Callable[[str, Any, str], type]
+"""(section, name, key) -> the dataclass of that section ("objective" or "task") for that name; raises
+:class:`ConfigError` naming ``key`` for an unknown name."""
+
+POLYMORPHIC = {ObjectiveConfig: "objective", TaskConfig: "task"}
+
+
+@dataclass(kw_only=True)
 class Config:
     """A complete, self-describing training run."""
 
@@ -140,9 +145,9 @@ class Config:
     """Output folder for checkpoints and logs; empty means runs/<run_name>."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """Backbone architecture."""
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    """Training objective."""
-    task: TaskConfig = field(default_factory=lambda: _from_dict(TaskConfig, {}, "task"))
+    objective: ObjectiveConfig
+    """Training objective; ``objective.name`` selects it and the dataclass of the remaining keys."""
+    task: TaskConfig
     """Task settings; ``task.name`` selects the task and the dataclass of the remaining keys."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimisation and run management."""
@@ -161,15 +166,7 @@ class Config:
 # ----------------------------------------------------------------------------- parsing
 
 
-def _task_class(name: Any, key: str) -> type[TaskConfig]:
-    from nextlat.tasks import TASKS  # local: tasks import config
-
-    if name not in TASKS:
-        raise ConfigError(f"{key}.name: unknown task {name!r} (known: {', '.join(sorted(TASKS))})")
-    return TASKS[name].config_class
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
+def _coerce(value: Any, tp: Any, key: str, resolve: SectionResolver) -> Any:
     """Check ``value`` against the annotation ``tp``; ints are accepted where floats are."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -177,14 +174,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             if arg is type(None) and value is None:
                 return None
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _coerce(value, args[0], key)
+        return _coerce(value, args[0], key, resolve)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         (item_tp, *_) = typing.get_args(tp) or (Any,)
-        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        return [_coerce(v, item_tp, f"{key}[{i}]", resolve) for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
-        return _from_dict(tp, value, key)
+        return _from_dict(tp, value, key, resolve)
     if tp is Any:
         return value
     if tp is bool:
@@ -209,13 +206,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r} ({type(value).__name__})")
 
 
-def _from_dict(cls: type, data: Any, key: str) -> Any:
+def _from_dict(cls: type, data: Any, key: str, resolve: SectionResolver) -> Any:
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{key or 'recipe'}: expected a mapping, got {data!r}")
-    if cls is TaskConfig:
-        cls = _task_class(data.get("name", TaskConfig.name), key)
+    if cls in POLYMORPHIC:
+        cls = resolve(POLYMORPHIC[cls], data.get("name", cls.name), key)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in data if k not in names]
@@ -224,7 +221,10 @@ def _from_dict(cls: type, data: Any, key: str) -> Any:
         raise ConfigError(
             f"unknown key {where}{unknown[0]!s} (known under {key or 'the top level'}: {', '.join(names)})"
         )
-    kwargs = {k: _coerce(v, hints[k], f"{key}.{k}" if key else k) for k, v in data.items()}
+    kwargs = {k: _coerce(v, hints[k], f"{key}.{k}" if key else k, resolve) for k, v in data.items()}
+    for f in dataclasses.fields(cls):  # required sections (the polymorphic ones) default to their base's name
+        if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            kwargs[f.name] = _coerce({}, hints[f.name], f"{key}.{f.name}" if key else f.name, resolve)
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)
     if validate is not None:
@@ -232,28 +232,26 @@ def _from_dict(cls: type, data: Any, key: str) -> Any:
     return obj
 
 
-def config_from_dict(data: dict[str, Any]) -> Config:
-    cfg = _from_dict(Config, data, "")
+def parse_section(cls: type, data: Any, key: str, resolve: SectionResolver) -> Any:
+    """One section (e.g. an objective's settings) parsed and validated like a recipe's."""
+    return _from_dict(cls, data, key, resolve)
+
+
+def config_from_dict(data: dict[str, Any], resolve: SectionResolver) -> Config:
+    cfg = _from_dict(Config, data, "", resolve)
     validate_config(cfg)
     return cfg
 
 
 def validate_config(cfg: Config) -> None:
-    m, o, t = cfg.model, cfg.objective, cfg.train
-    from nextlat.objectives import OBJECTIVES
-
+    """Checks of the model and train sections; each objective and task section validates itself."""
+    m, t = cfg.model, cfg.train
     checks = [
         (m.n_layer >= 1, "model.n_layer", m.n_layer, "must be >= 1"),
         (m.d_model >= 1 and m.n_head >= 1 and m.d_model % m.n_head == 0, "model.n_head", m.n_head,
          f"must divide model.d_model={m.d_model}"),
         ((m.d_model // max(m.n_head, 1)) % 2 == 0, "model.d_model", m.d_model, "head dim must be even for RoPE"),
         (m.vocab_size >= 0, "model.vocab_size", m.vocab_size, "must be >= 0"),
-        (o.name in OBJECTIVES, "objective.name", o.name, f"unknown objective (known: {', '.join(sorted(OBJECTIVES))})"),
-        (o.horizon >= 1, "objective.horizon", o.horizon, "must be >= 1"),
-        (o.lambda_h >= 0 and o.lambda_kl >= 0, "objective.lambda_h/lambda_kl", (o.lambda_h, o.lambda_kl), "must be >= 0"),
-        (o.proj_factor > 0, "objective.proj_factor", o.proj_factor, "must be > 0"),
-        (o.lambda_future >= 0, "objective.lambda_future", o.lambda_future, "must be >= 0"),
-        (0 < o.bst_pair_fraction <= 1, "objective.bst_pair_fraction", o.bst_pair_fraction, "must be in (0, 1]"),
         (t.steps >= 1, "train.steps", t.steps, "must be >= 1"),
         (t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1"),
         (t.grad_accum >= 1 and t.batch_size % t.grad_accum == 0, "train.grad_accum", t.grad_accum,
@@ -273,8 +271,8 @@ def validate_config(cfg: Config) -> None:
         (t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, "must be >= 1"),
         (not t.freeze_backbone or t.init_from, "train.freeze_backbone", t.freeze_backbone,
          "needs train.init_from (a trained backbone to keep fixed)"),
-        (not t.freeze_backbone or o.name != "next_token", "train.freeze_backbone", t.freeze_backbone,
-         "objective next_token has no parameters of its own to train"),
+        (not t.freeze_backbone or cfg.objective.has_parameters, "train.freeze_backbone", t.freeze_backbone,
+         f"objective {cfg.objective.name} has no parameters of its own to train"),
     ]
     for ok, key, value, why in checks:
         if not ok:
@@ -290,6 +288,12 @@ def set_dotted(data: dict[str, Any], assignment: str) -> None:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override {key}: cannot parse value {raw!r}: {e}") from None
+    set_value(data, key, value)
+
+
+def set_value(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set the dotted ``key`` of a raw recipe dict to ``value``; a new objective or task name starts its
+    section afresh."""
     parts = key.strip().split(".")
     node = data
     for i, part in enumerate(parts[:-1]):
@@ -297,10 +301,34 @@ def set_dotted(data: dict[str, Any], assignment: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"override {key}: {'.'.join(parts[: i + 1])} is not a section")
         node = child
+    if len(parts) == 2 and parts[1] == "name" and node.get("name", value) != value:
+        node.clear()  # another objective or task: its section starts afresh, as under a recipe base
     node[parts[-1]] = value
 
 
-def with_task_overrides(cfg: Config, overrides: list[str]) -> Config:
+def _renames_first(keys: list[str]) -> list[int]:
+    renames = [i for i, k in enumerate(keys) if k.strip() in ("objective.name", "task.name")]
+    return renames + [i for i in range(len(keys)) if i not in renames]
+
+
+def with_settings(data: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a raw recipe dict with dotted-key ``settings`` (Python values) applied like overrides."""
+    out = copy.deepcopy(data)
+    keys = list(settings)
+    for i in _renames_first(keys):
+        set_value(out, keys[i], settings[keys[i]])
+    return out
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> None:
+    """Apply ``key=value`` overrides to a raw recipe dict. Those naming another objective or task
+    (``objective.name=mtp``) come first and start that section afresh, so that the other keys given
+    for it apply to the new one whatever their order on the command line."""
+    for i in _renames_first([a.split("=", 1)[0] for a in overrides]):
+        set_dotted(data, overrides[i])
+
+
+def with_task_overrides(cfg: Config, overrides: list[str], resolve: SectionResolver) -> Config:
     """``cfg`` with ``task.KEY=VALUE`` overrides applied: how a trained run is evaluated (other A5
     lengths, more test examples, another street graph). Model, objective and training settings
     belong to the trained weights and cannot change, nor can the task itself (``task.name``)."""
@@ -312,7 +340,7 @@ def with_task_overrides(cfg: Config, overrides: list[str]) -> Config:
                               f"(task.KEY=VALUE, not task.name)")
         set_dotted(data, assignment)
     try:
-        return config_from_dict(data)
+        return config_from_dict(data, resolve)
     except ConfigError as e:
         raise ConfigError(f"task overrides {overrides}: {e}") from None
 
@@ -396,11 +424,11 @@ def read_recipe(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     return merge(read_recipe(base_path, (*_chain, path)), data)
 
 
-def load_config(recipe: str | None = None, overrides: list[str] | None = None) -> Config:
+def load_config(recipe: str | None, overrides: list[str] | None, resolve: SectionResolver) -> Config:
+    """The configuration of ``recipe`` (a shipped name or a YAML path; None: the defaults) with ``overrides``."""
     data = read_recipe(resolve_recipe(recipe)) if recipe else {}
-    for assignment in overrides or []:
-        set_dotted(data, assignment)
+    apply_overrides(data, overrides or [])
     try:
-        return config_from_dict(data)
+        return config_from_dict(data, resolve)
     except ConfigError as e:
         raise ConfigError(f"{recipe or 'defaults'}: {e}") from None

@@ -8,8 +8,12 @@ experiments, benchmarks and the command line. Adding a component is one line her
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from typing import Any
+
+from nextlat import config
+from nextlat.config import Config, ObjectiveConfig, TaskConfig
 
 OBJECTIVES: dict[str, str] = {
     "next_token": "nextlat.objectives.next_token:NextToken",
@@ -48,3 +52,62 @@ def lookup(table: dict[str, str], name: Any, kind: str) -> Any:
         raise UnknownName(f"unknown {kind} {name!r} (known: {', '.join(sorted(table))})")
     module, _, attr = table[name].partition(":")
     return getattr(importlib.import_module(module), attr)
+
+
+# ----------------------------------------------------------------------------- configurations
+
+
+def section_class(section: str, name: Any, key: str) -> type:
+    """The settings dataclass of the objective or task called ``name`` (a :data:`config.SectionResolver`)."""
+    table = OBJECTIVES if section == "objective" else TASKS
+    try:
+        return lookup(table, name, section).config_class
+    except UnknownName as e:
+        raise config.ConfigError(f"{key}.name: {e}") from None
+
+
+def load_config(recipe: str | None = None, overrides: list[str] | None = None) -> Config:
+    """The configuration of a recipe (a shipped name or a YAML path; None: the defaults) with ``--set`` overrides."""
+    return config.load_config(recipe, overrides, section_class)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """A configuration from its dictionary form (a recipe's settings, or ``Config.to_dict()``)."""
+    return config.config_from_dict(data, section_class)
+
+
+def with_task_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """``cfg`` with ``task.KEY=VALUE`` overrides (see :func:`nextlat.config.with_task_overrides`)."""
+    return config.with_task_overrides(cfg, overrides, section_class)
+
+
+def objective_config(name: str = "next_token", **settings: Any) -> ObjectiveConfig:
+    """The validated settings of objective ``name``, e.g. ``objective_config("mtp", horizon=2)``."""
+    return config.parse_section(ObjectiveConfig, {"name": name, **settings}, "objective", section_class)
+
+
+# ----------------------------------------------------------------------------- components
+
+
+def objective_class(name: str) -> type:
+    return lookup(OBJECTIVES, name, "objective")
+
+
+def task_class(name: str) -> type:
+    return lookup(TASKS, name, "task")
+
+
+def objective_settings(name: str) -> set[str]:
+    """The ``objective.*`` keys objective ``name`` takes (``name`` included)."""
+    return {f.name for f in dataclasses.fields(objective_class(name).config_class)}
+
+
+def build_objective(cfg: ObjectiveConfig, model):
+    """The objective of ``cfg`` for ``model`` (its extra parameters initialised from the current torch seed)."""
+    return objective_class(cfg.name)(cfg, model)
+
+
+def build_task(cfg: TaskConfig, ckpt_dir=None):
+    """The task of ``cfg``; with ``ckpt_dir``, the task of that checkpoint (see ``Task.from_checkpoint``)."""
+    cls = task_class(cfg.name)
+    return cls(cfg) if ckpt_dir is None else cls.from_checkpoint(cfg, ckpt_dir)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from nextlat.config import load_config
-from nextlat.objectives import OBJECTIVES
+from nextlat.config import Config, ObjectiveConfig
+from nextlat.registry import OBJECTIVES, load_config, objective_config, objective_settings
 from nextlat.training.build import build, resolve_device
 from nextlat.training.loop import optimizer_step
 from nextlat.training.optim import build_optimizer
@@ -25,6 +25,14 @@ from nextlat.training.optim import build_optimizer
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def variant_objective(base: Config, name: str, horizon: int) -> ObjectiveConfig:
+    """Objective ``name`` at ``horizon`` (if it takes one), with the settings of the recipe's objective section
+    that it shares (e.g. ``proj_factor`` for NextLat); the others take their defaults."""
+    own = objective_settings(name) - {"name"}
+    shared = {k: v for k, v in dataclasses.asdict(base.objective).items() if k in own}
+    return objective_config(name, **{**shared, **({"horizon": horizon} if "horizon" in own else {})})
 
 
 def bench_train(recipe: str, overrides: list[str] | None = None, *, objectives: list[str], horizons: list[int],
@@ -38,11 +46,11 @@ def bench_train(recipe: str, overrides: list[str] | None = None, *, objectives: 
         raise ValueError(f"unknown objective {unknown[0]!r} (known: {', '.join(sorted(OBJECTIVES))})")
     # Objectives that ignore the horizon (e.g. bst) are measured once.
     variants = [("next_token", 1)] + [(o, d) for o in objectives if o != "next_token"
-                                      for d in (horizons if OBJECTIVES[o].uses_horizon else horizons[:1])]
+                                      for d in (horizons if "horizon" in objective_settings(o) else horizons[:1])]
     runs = []
     batch = None  # one batch for every variant: the task, and so its (possibly slow to make) data, is shared
     for name, d in variants:
-        cfg = dataclasses.replace(base, objective=dataclasses.replace(base.objective, name=name, horizon=d))
+        cfg = dataclasses.replace(base, objective=variant_objective(base, name, d))
         comps = build(cfg, device)
         opt = build_optimizer({"model": comps.model, "objective": comps.objective}, cfg.train)
         if batch is None:
@@ -80,7 +88,7 @@ def bench_train(recipe: str, overrides: list[str] | None = None, *, objectives: 
         med = statistics.median(r["times"])
         rows.append({
             "objective": r["objective"],
-            "horizon": r["horizon"] if OBJECTIVES[r["objective"]].uses_horizon else None,
+            "horizon": r["horizon"] if "horizon" in objective_settings(r["objective"]) else None,
             "params_backbone": sum(p.numel() for p in r["comps"].model.parameters()),
             "params_objective": sum(p.numel() for p in r["comps"].objective.parameters()),
             "step_s_median": med,

@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nextlat.config import ConfigError, load_config
+from nextlat.config import ConfigError
 from nextlat.experiments.sweep import Job, finished_runs, is_finished, run_jobs, seed_results, stats_of
+from nextlat.registry import load_config
 from nextlat.training.checkpoint import atomic_write_text
 
 

@@ -19,8 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nextlat.config import ConfigError, config_from_dict, load_config, read_yaml
-from nextlat.training.checkpoint import CheckpointError, atomic_write_text
+from nextlat.config import ConfigError
+from nextlat.registry import load_config
+from nextlat.training.checkpoint import CheckpointError, atomic_write_text, read_run_config
+from nextlat.training.runs import check_compatible
 
 
 @dataclass(frozen=True)
@@ -102,10 +104,8 @@ def run_sweep(recipe: str, seeds: list[int], overrides: list[str], out: Path, jo
 def check_finished(job: Job) -> None:
     """Refuse to count a finished run that was trained with other settings than ``job`` asks for (e.g. another
     graph or objective in the same folder); an unfinished one is checked by ``nextlat train --resume``."""
-    from nextlat.training.runs import check_compatible  # local: the trainer pulls in every task and objective
-
     planned = load_config(job.recipe, [*job.overrides, f"train.seed={job.seed}"])
-    saved = config_from_dict(read_yaml(job.run_dir / "config.yaml"))
+    saved = read_run_config(job.run_dir / "config.yaml")
     try:
         check_compatible(saved, planned)
     except CheckpointError as e:

@@ -9,11 +9,12 @@ each sum by a count taken over the whole optimizer step instead of one micro-bat
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nextlat.config import ObjectiveConfig
+from nextlat.config import ConfigError, ObjectiveConfig
 from nextlat.data import IGNORE, Batch, transition_mask
 from nextlat.model import Transformer
 
@@ -80,11 +81,35 @@ def future_targets(batch: Batch, k: int) -> Tensor:
     return batch.targets[:, k:].masked_fill(~keep, IGNORE)
 
 
-class Objective(nn.Module):
-    """Base class: ``forward(model, batch) -> LossOutput``; ``counts(batch)`` needs no model."""
+def check(ok: bool, key: str, value, why: str) -> None:
+    """Raise ConfigError ``objective.<key>=<value>: <why>`` unless ``ok`` (the objectives' config validation)."""
+    if not ok:
+        raise ConfigError(f"objective.{key}={value!r}: {why}")
 
-    uses_horizon = True
-    """Whether ``objective.horizon`` changes what the objective computes (benchmarks sweep it only then)."""
+
+@dataclass
+class FutureTokenConfig(ObjectiveConfig):
+    """Settings of the objectives that add d future-token losses (MTP, JTP)."""
+
+    horizon: int = 1
+    """Number d of future tokens predicted beyond the next one."""
+    lambda_future: float = 1.0
+    """Weight lambda of the mean future-token loss (0 gives exactly next-token training)."""
+
+    def validate(self) -> None:
+        check(self.horizon >= 1, "horizon", self.horizon, "must be >= 1")
+        check(self.lambda_future >= 0, "lambda_future", self.lambda_future, "must be >= 0")
+
+
+class Objective(nn.Module):
+    """Base class: ``forward(model, batch) -> LossOutput``; ``counts(batch)`` needs no model.
+
+    A subclass sets ``config_class``, the dataclass of its ``objective.*`` settings (a subclass of
+    :class:`ObjectiveConfig` defined beside it, validated by its ``validate``), and is named in
+    :data:`nextlat.registry.OBJECTIVES`.
+    """
+
+    config_class: ClassVar[type[ObjectiveConfig]] = ObjectiveConfig
 
     def __init__(self, cfg: ObjectiveConfig, model: Transformer):
         super().__init__()
@@ -116,6 +141,8 @@ class Objective(nn.Module):
 
 class FutureTokenObjective(Objective):
     """Shared by objectives that add d future-token cross-entropies (terms ``<prefix>@k``, k = 1..d)."""
+
+    config_class = FutureTokenConfig
 
     term_prefix = "future"
 

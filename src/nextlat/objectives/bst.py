@@ -28,7 +28,7 @@ from nextlat.config import ObjectiveConfig
 from nextlat.data import IGNORE, Batch
 from nextlat.decoding.sampling import next_tokens
 from nextlat.model import Transformer, init_weights
-from nextlat.objectives.base import LossOutput, Objective, ce_term
+from nextlat.objectives.base import LossOutput, Objective, ce_term, check
 
 
 class PairHead(nn.Module):
@@ -94,12 +94,24 @@ def _token_docs(batch: Batch) -> Tensor:
     return torch.cat([docs[:, 1:], last_doc[:, None]], dim=1)
 
 
+@dataclass
+class BeliefStateConfig(ObjectiveConfig):
+    """BST's settings."""
+
+    name: str = "bst"
+    bst_pair_fraction: float = 1.0
+    """Share of each sequence's valid (prefix, suffix) pairs scored per step (1 scores every pair once)."""
+
+    def validate(self) -> None:
+        check(0 < self.bst_pair_fraction <= 1, "bst_pair_fraction", self.bst_pair_fraction, "must be in (0, 1]")
+
+
 class BeliefState(Objective):
     """Loss = mean next-token CE + mean previous-token CE over the sampled pairs (terms ``ce``, ``prev``)."""
 
-    uses_horizon = False
+    config_class = BeliefStateConfig
 
-    def __init__(self, cfg: ObjectiveConfig, model: Transformer):
+    def __init__(self, cfg: BeliefStateConfig, model: Transformer):
         super().__init__(cfg, model)
         mc = model.cfg
         self.backward_encoder = Transformer(mc)

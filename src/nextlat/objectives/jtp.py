@@ -11,14 +11,15 @@ token itself is the backbone's ordinary loss from h_t (DESIGN.md section 2).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nextlat.config import ObjectiveConfig
 from nextlat.data import Batch
 from nextlat.model import RMSNorm, Transformer, init_weights
-from nextlat.objectives.base import FutureTokenObjective, LossOutput, future_targets, head_ce
+from nextlat.objectives.base import FutureTokenConfig, FutureTokenObjective, LossOutput, future_targets, head_ce
 
 
 class Fetch(nn.Module):
@@ -50,6 +51,13 @@ class Fetch(nn.Module):
         return self.norm(h[:, None] + y)  # h_t added back, then the final norm
 
 
+@dataclass
+class JTPConfig(FutureTokenConfig):
+    """JTP's settings: d future tokens (``horizon``) and the weight of their mean loss."""
+
+    name: str = "jtp"
+
+
 class JointTokenPrediction(FutureTokenObjective):
     """Loss = CE + lambda_future * mean over j = 1..d of CE(output j, x_{t+j+1}).
 
@@ -60,8 +68,9 @@ class JointTokenPrediction(FutureTokenObjective):
     """
 
     term_prefix = "jtp"
+    config_class = JTPConfig
 
-    def __init__(self, cfg: ObjectiveConfig, model: Transformer):
+    def __init__(self, cfg: JTPConfig, model: Transformer):
         super().__init__(cfg, model)
         mc = model.cfg
         self.fetch = Fetch(mc.d_model, mc.n_head, cfg.horizon, mc.init_std, mc.norm_eps)

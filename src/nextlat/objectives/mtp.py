@@ -8,12 +8,20 @@ backbone for export and ordinary decoding; heads 1..d belong to the objective (D
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import Tensor, nn
 
-from nextlat.config import ObjectiveConfig
 from nextlat.data import Batch
 from nextlat.model import Block, LayerContext, RMSNorm, Transformer, init_weights
-from nextlat.objectives.base import FutureTokenObjective, LossOutput, future_targets, head_ce
+from nextlat.objectives.base import FutureTokenConfig, FutureTokenObjective, LossOutput, future_targets, head_ce
+
+
+@dataclass
+class MTPConfig(FutureTokenConfig):
+    """MTP's settings: d extra heads (``horizon``) and the weight of their mean loss."""
+
+    name: str = "mtp"
 
 
 class MultiTokenPrediction(FutureTokenObjective):
@@ -25,8 +33,9 @@ class MultiTokenPrediction(FutureTokenObjective):
     """
 
     term_prefix = "mtp"
+    config_class = MTPConfig
 
-    def __init__(self, cfg: ObjectiveConfig, model: Transformer):
+    def __init__(self, cfg: MTPConfig, model: Transformer):
         super().__init__(cfg, model)
         mc = model.cfg
         self.heads = nn.ModuleList(Block(mc) for _ in range(cfg.horizon))

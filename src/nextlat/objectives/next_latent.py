@@ -8,6 +8,8 @@ forward KL through the detached LM head (DESIGN.md section 1 states every rule i
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -15,7 +17,28 @@ from torch import Tensor, nn
 from nextlat.config import ObjectiveConfig
 from nextlat.data import IGNORE, Batch, transition_mask
 from nextlat.model import RMSNorm, Transformer, init_weights, mlp_hidden_width
-from nextlat.objectives.base import LossOutput, LossTerm, Objective, ce_term
+from nextlat.objectives.base import LossOutput, LossTerm, Objective, ce_term, check
+
+
+@dataclass
+class NextLatentConfig(ObjectiveConfig):
+    """NextLat's settings: rollout horizon, loss weights and the width of p_psi."""
+
+    name: str = "next_latent"
+    horizon: int = 1
+    """Rollout horizon d: p_psi is rolled out d steps with teacher forcing."""
+    lambda_h: float = 1.0
+    """Weight of the Smooth-L1 next-hidden-state loss."""
+    lambda_kl: float = 1.0
+    """Weight of the KL loss through the detached LM head."""
+    proj_factor: float = 1.0
+    """Dynamics MLP width H = 128 * round(proj_factor * 2D / 128)."""
+
+    def validate(self) -> None:
+        check(self.horizon >= 1, "horizon", self.horizon, "must be >= 1")
+        check(self.lambda_h >= 0 and self.lambda_kl >= 0, "lambda_h/lambda_kl", (self.lambda_h, self.lambda_kl),
+              "must be >= 0")
+        check(self.proj_factor > 0, "proj_factor", self.proj_factor, "must be > 0")
 
 
 class LatentDynamics(nn.Module):
@@ -44,7 +67,9 @@ class NextLatent(Objective):
     (1/d) sum_i of per-step means, every mean taken over that step's own valid elements.
     """
 
-    def __init__(self, cfg: ObjectiveConfig, model: Transformer):
+    config_class = NextLatentConfig
+
+    def __init__(self, cfg: NextLatentConfig, model: Transformer):
         super().__init__(cfg, model)
         mc = model.cfg
         self.dynamics = LatentDynamics(mc.d_model, cfg.proj_factor, mc.init_std, mc.norm_eps)

@@ -10,10 +10,11 @@ from typing import Any
 
 import torch
 
-from nextlat.config import Config, ConfigError, with_task_overrides
+from nextlat.config import Config, ConfigError
 from nextlat.model import Transformer
-from nextlat.objectives import Objective, build_objective
-from nextlat.tasks import Task, build_task
+from nextlat.objectives.base import Objective
+from nextlat.registry import build_objective, build_task, with_task_overrides
+from nextlat.tasks.base import Task
 from nextlat.training.checkpoint import load_weights, read_checkpoint, resolve_checkpoint
 
 

@@ -32,7 +32,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from nextlat import __version__
-from nextlat.config import Config, ConfigError, config_from_dict, read_yaml
+from nextlat.config import Config, ConfigError, read_yaml
+from nextlat.registry import config_from_dict, objective_settings
 
 FORMAT = "nextlat-checkpoint"
 FORMAT_VERSION = 1
@@ -169,10 +170,33 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{path}: format_version {meta.get('format_version')!r} is newer than this "
                               f"nextlat supports ({FORMAT_VERSION}); upgrade nextlat")
     try:
-        cfg = config_from_dict(read_yaml(path / "config.yaml"))
+        cfg = read_run_config(path / "config.yaml")
     except ConfigError as e:
         raise CheckpointError(f"{path / 'config.yaml'}: {e}") from None
     return Checkpoint(path, cfg, meta)
+
+
+# nextlat 0.1.0 had one flat objective section holding every objective's settings.
+_FLAT_OBJECTIVE_KEYS = {"horizon", "lambda_h", "lambda_kl", "proj_factor", "lambda_future", "bst_pair_fraction"}
+
+
+def upgrade_config(data: dict[str, Any]) -> dict[str, Any]:
+    """A saved configuration in today's form: the flat objective section of nextlat 0.1.0 keeps only the
+    settings its objective reads (the others never changed what was trained)."""
+    objective = data.get("objective")
+    if isinstance(objective, dict) and isinstance(objective.get("name"), str):
+        try:
+            own = objective_settings(objective["name"])
+        except KeyError:
+            return data  # unknown objective: parsing reports it
+        dropped = {k for k in objective if k in _FLAT_OBJECTIVE_KEYS and k not in own}
+        data = {**data, "objective": {k: v for k, v in objective.items() if k not in dropped}}
+    return data
+
+
+def read_run_config(path: str | Path) -> Config:
+    """A run's or checkpoint's saved ``config.yaml`` (0.1.0's form included, see :func:`upgrade_config`)."""
+    return config_from_dict(upgrade_config(read_yaml(Path(path))))
 
 
 def _load_tensors(file: Path) -> dict[str, torch.Tensor]:

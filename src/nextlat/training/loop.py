@@ -23,8 +23,7 @@ from tqdm.auto import tqdm
 from nextlat.config import Config, ConfigError, TrainConfig
 from nextlat.data import Batch, StatelessSampler
 from nextlat.model import Transformer
-from nextlat.objectives import Objective
-from nextlat.objectives.base import mean_parts
+from nextlat.objectives.base import Objective, mean_parts
 from nextlat.training.build import Components, autocast_context, build, resolve_device
 from nextlat.training.checkpoint import (
     Checkpoint,
