@@ -13,7 +13,8 @@ from nextlat.data import IGNORE, Batch
 from nextlat.model import Transformer
 from nextlat.objectives import build_objective
 
-# The test machine is shared: keep torch to one intra-op thread (also makes CPU results deterministic).
+# The test machine is shared: keep torch to one intra-op thread. It also makes a repeated CPU computation
+# bit-identical within a process on one machine; another machine (another BLAS) may still round differently.
 torch.set_num_threads(1)
 
 VOCAB = 23
