@@ -39,6 +39,16 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     data[last] = value
 
 
+def pytest_collection_modifyitems(config, items):
+    """Skip tests marked ``gpu`` where CUDA is not available."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def run_config():
     """Factory: the tiny Path-Star run config, with dotted-key overrides, e.g. ``run_config(**{"train.steps": 6})``."""
