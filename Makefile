@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.nextlat-installed
 TORCH  ?= torch==2.13.0
 
-.PHONY: install train test test-slow lint bench-train clean
+.PHONY: install train test test-slow test-gpu lint bench-train clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ test: install            ## the default test suite (a few minutes on 2 cores)
 
 test-slow: install       ## the slow tests only
 	$(PY) -m pytest -q -m slow
+
+test-gpu: install        ## the CUDA tests only (skipped on a machine without CUDA)
+	$(PY) -m pytest -q -m gpu
 
 lint: install
 	$(VENV)/bin/ruff check src tests scripts

@@ -1,4 +1,9 @@
-"""Baseline objectives (MTP, JTP, BST) against independent loop references, plus training, masks and checkpoints."""
+"""Baseline objectives (MTP, JTP, BST) against independent loop references, plus training, masks and checkpoints.
+
+Tests that compare two computations of other shapes (an objective vs its loop reference, cached vs whole-sequence
+heads, micro-batches vs the whole batch) or take argmaxes of random models run in float64 with tight tolerances:
+float32 rounds such paths differently by 1e-6..1e-5 depending on the BLAS, which could also flip a near-tied argmax.
+"""
 
 from __future__ import annotations
 
@@ -43,7 +48,7 @@ def _mean(term) -> torch.Tensor:
 
 
 def _ce(logits: torch.Tensor, target: int) -> torch.Tensor:
-    return -torch.log_softmax(logits.float(), -1)[target]
+    return -torch.log_softmax(logits, -1)[target]
 
 
 def _rms(x: torch.Tensor, w: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -83,9 +88,9 @@ def test_zero_lambda_equals_next_token_exactly(make_model, make_objective, packe
 
 def test_mtp_matches_loop_reference(make_model, make_objective, packed_batch):
     """Each document run on its own, heads applied by hand, every (t, k) scored in a loop."""
-    model = make_model(n_layer=3)
+    model = make_model(n_layer=3).double()  # float64: see the module docstring
     d, lam = 3, 0.7
-    obj = make_objective(model, name="mtp", horizon=d, lambda_future=lam)
+    obj = make_objective(model, name="mtp", horizon=d, lambda_future=lam).double()
     out = obj(model, packed_batch)
     n = model.cfg.n_layer
     sums, counts = [0.0] * (d + 1), [0] * (d + 1)
@@ -103,7 +108,7 @@ def test_mtp_matches_loop_reference(make_model, make_objective, packed_batch):
     names = ["ce"] + [f"mtp@{k}" for k in range(1, d + 1)]
     assert set(out.terms) == set(names)
     assert {k: int(v) for k, v in obj.counts(packed_batch).items()} == dict(zip(names, counts))
-    tol = dict(rtol=1e-5, atol=1e-6)
+    tol = dict(rtol=1e-10, atol=1e-12)
     for k, name in enumerate(names):
         assert int(out.terms[name].count) == counts[k], name
         torch.testing.assert_close(_mean(out.terms[name]), sums[k] / counts[k], **tol)
@@ -128,8 +133,8 @@ def test_mtp_head_zero_is_the_backbone_and_heads_share_lm_head(make_model, make_
 
 def test_mtp_drafter_reads_the_heads_through_its_own_cache(make_model, make_objective, vocab):
     """The drafter's cached head logits, run incrementally like a decoder, equal the heads run on whole sequences."""
-    model = make_model()
-    obj = make_objective(model, name="mtp", horizon=2)
+    model = make_model().double()  # float64: see the module docstring
+    obj = make_objective(model, name="mtp", horizon=2).double()
     drafter = obj.drafter(model)
     assert drafter.max_draft == 2 and drafter.trunk_layers == model.cfg.n_layer - 1
     ids = torch.randint(0, vocab, (3, 9))
@@ -139,21 +144,21 @@ def test_mtp_drafter_reads_the_heads_through_its_own_cache(make_model, make_obje
     x, _, ctx = model.forward_layers(ids, n_layers=model.cfg.n_layer - 1)
     for k in (1, 2):
         full = model.logits(obj.head_state(model, x, ctx, k))  # (B, T, V)
-        torch.testing.assert_close(drafter.logits[:, :, k - 1], full[:, 7:9], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(drafter.logits[:, :, k - 1], full[:, 7:9], atol=1e-12, rtol=1e-12)
         state = drafter.begin(None, torch.tensor([1, 0, 1]))  # positions 8, 7, 8 of the last run
         for _ in range(k):
             logits, state = drafter.propose(state, None)
-        torch.testing.assert_close(logits, full[torch.arange(3), torch.tensor([8, 7, 8])], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(logits, full[torch.arange(3), torch.tensor([8, 7, 8])], atol=1e-12, rtol=1e-12)
     h, _ = model(ids)
-    torch.testing.assert_close(steps[1], h[:, 7:9], atol=1e-5, rtol=1e-5)  # head 0 is the backbone itself
+    torch.testing.assert_close(steps[1], h[:, 7:9], atol=1e-12, rtol=1e-12)  # head 0 is the backbone itself
     assert target.cache.lengths.tolist() == drafter.cache.lengths.tolist() == [9, 8, 7]
 
 
 def test_jtp_matches_loop_reference(make_model, make_objective, packed_batch):
     """The fetch module written out per position: LayerNorm, per-head attention with a relative bias, residual, norm."""
-    model = make_model()
+    model = make_model().double()  # float64: see the module docstring
     d, lam = 3, 0.6
-    obj = make_objective(model, name="jtp", horizon=d, lambda_future=lam)
+    obj = make_objective(model, name="jtp", horizon=d, lambda_future=lam).double()
     fetch = obj.fetch
     with torch.no_grad():  # non-trivial values for every fetch parameter
         fetch.gamma.fill_(0.3)
@@ -196,7 +201,7 @@ def test_jtp_matches_loop_reference(make_model, make_objective, packed_batch):
     names = ["ce"] + [f"jtp@{j}" for j in range(1, d + 1)]
     assert set(out.terms) == set(names)
     assert {k: int(v) for k, v in obj.counts(packed_batch).items()} == dict(zip(names, counts))
-    tol = dict(rtol=1e-5, atol=1e-6)
+    tol = dict(rtol=1e-10, atol=1e-12)
     for j, name in enumerate(names):
         assert int(out.terms[name].count) == counts[j], name
         torch.testing.assert_close(_mean(out.terms[name]), sums[j] / counts[j], **tol)
@@ -288,8 +293,8 @@ def test_bst_pairs_cover_every_valid_pair_once(make_model, make_objective, lm_ba
 
 def test_bst_matches_loop_reference(make_model, make_objective, lm_batch):
     """Forward states per document, backward states by reading each suffix right to left, heads per pair."""
-    model = make_model()
-    obj = make_objective(model, name="bst")
+    model = make_model().double()  # float64: see the module docstring
+    obj = make_objective(model, name="bst").double()
     out = obj(model, lm_batch)
     sums, counts = {"ce": 0.0, "prev": 0.0}, {"ce": 0, "prev": 0}
     cache: dict[tuple[int, int], torch.Tensor] = {}
@@ -311,7 +316,7 @@ def test_bst_matches_loop_reference(make_model, make_objective, lm_batch):
     assert {k: int(t.count) for k, t in out.terms.items()} == counts
     assert {k: int(v) for k, v in obj.counts(lm_batch).items()} == counts
     for name in ("ce", "prev"):
-        torch.testing.assert_close(_mean(out.terms[name]), sums[name] / counts[name], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(_mean(out.terms[name]), sums[name] / counts[name], rtol=1e-10, atol=1e-12)
         assert out.terms[name].weight == 1.0
 
 
@@ -370,14 +375,14 @@ def test_bst_needs_next_token_targets(make_model, make_objective, packed_batch):
 
 
 def test_bst_decoding_matches_training_states(make_model, make_objective, vocab):
-    model = make_model()
-    obj = make_objective(model, name="bst")
+    model = make_model().double()  # float64: see the module docstring (greedy argmaxes of a random model)
+    obj = make_objective(model, name="bst").double()
     assert isinstance(obj, BeliefState) and "lm_head.weight" not in dict(obj.backward_encoder.named_parameters())
     seq = torch.randint(0, vocab, (3, 9))
     batch = Batch(seq[:, :-1], seq[:, 1:])
     states = obj.suffix_states(batch)  # (B, T, D): index j reads x_{j+2}..x_T
     for j in (0, 3, 6):
-        torch.testing.assert_close(obj.suffix_state(seq[:, j + 2 :], 3), states[:, j], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(obj.suffix_state(seq[:, j + 2 :], 3), states[:, j], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(states[:, -1], obj.empty_suffix.expand(3, -1))
     # Greedy goal-conditioned decoding takes the next-token head's argmax at every step.
     prompt, suffix = seq[:, :4], seq[:, 7:]
@@ -415,12 +420,12 @@ def test_pathstar_evaluates_bst_with_goal_conditioned_decoding(run_config):
 
 @pytest.mark.parametrize("name", ["mtp", "jtp", "bst"])
 def test_micro_batches_with_global_counts_are_exact(make_model, make_objective, lm_batch, name):
-    model = make_model()
-    obj = make_objective(model, name=name, **({} if name == "bst" else {"horizon": 2}))
+    model = make_model().double()  # float64: see the module docstring
+    obj = make_objective(model, name=name, **({} if name == "bst" else {"horizon": 2})).double()
     whole = obj(model, lm_batch).loss()
     micro = lm_batch.split(2)
     counts = obj.total_counts(micro)
-    torch.testing.assert_close(sum(obj(model, mb).loss(counts) for mb in micro), whole, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sum(obj(model, mb).loss(counts) for mb in micro), whole, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", ["mtp", "jtp", "bst"])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from nextlat.cli import main
 
 
@@ -27,12 +29,27 @@ def test_bench_train_reports_every_variant_against_next_token(run_config, tmp_pa
     assert len(made) == 1
 
 
-def test_bench_decode_and_speculative_generate(run_config, tmp_path, capsys):
+def test_bench_decode_and_speculative_generate(run_config, tmp_path, capsys, monkeypatch):
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(run_config(**{"train.steps": 30, "train.lr": 3e-3, "train.log_every": 10}).to_yaml())
     run = tmp_path / "run"
     assert main(["train", str(recipe), "--out", str(run)]) == 0
     capsys.readouterr()
+
+    # Decode the checkpoint in float64: the identity checks below compare greedy argmaxes of other kernel
+    # shapes (cached vs uncached, k-token verify vs 1-token steps), which float32 rounds differently by BLAS;
+    # a near-tied logit of this barely trained model could then differ on another machine.
+    from nextlat.training import build
+
+    load, loaded = build.load_components, []
+
+    def load_float64(*args, **kwargs):
+        comps, meta = load(*args, **kwargs)
+        comps.model.double(), comps.objective.double()
+        loaded.append(comps.model.lm_head.weight.dtype)
+        return comps, meta
+
+    monkeypatch.setattr(build, "load_components", load_float64)
 
     out = tmp_path / "decode.json"
     assert main(["bench-decode", str(run), "--prompts", "3", "--max-new-tokens", "6", "--gammas", "2", "3",
@@ -54,6 +71,7 @@ def test_bench_decode_and_speculative_generate(run_config, tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.out == plain
     assert "accepted/round" in captured.err
+    assert loaded == [torch.float64] * 3  # bench-decode and both generate calls decoded in float64
 
 
 def test_bench_decode_needs_a_drafter(run_config, tmp_path, capsys):

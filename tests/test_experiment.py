@@ -227,13 +227,16 @@ def test_manhattan_experiment_on_a_given_graph_draws_maps(tmp_path, monkeypatch,
 
 def test_interrupted_experiment_resumes_runs_exactly(tiny_experiment, tmp_path):
     """A run stopped after a checkpoint continues from it when the experiment is started again, and ends where an
-    uninterrupted run ends."""
+    uninterrupted run ends.
+
+    Exact across processes on one machine: every run is a subprocess with one torch thread (train.threads=1), so
+    each step runs the same kernels in the same order whichever process runs it."""
     out, ref = tmp_path / "exp", tmp_path / "ref"
-    run_experiment("tiny", seeds=[0], out=out, overrides=["train.steps=2", "train.ckpt_every=2"])
+    run_experiment("tiny", seeds=[0], out=out, overrides=["train.steps=2", "train.ckpt_every=2", "train.threads=1"])
     for slug in ("gpt", "nl"):
         (out / slug / "seed_0" / "results.json").unlink()  # as if killed after the step-2 checkpoint
-    run_experiment("tiny", seeds=[0], out=out, overrides=["train.steps=4", "train.ckpt_every=2"])
-    run_experiment("tiny", seeds=[0], out=ref, overrides=["train.steps=4", "train.ckpt_every=2"])
+    run_experiment("tiny", seeds=[0], out=out, overrides=["train.steps=4", "train.ckpt_every=2", "train.threads=1"])
+    run_experiment("tiny", seeds=[0], out=ref, overrides=["train.steps=4", "train.ckpt_every=2", "train.threads=1"])
     for slug in ("gpt", "nl"):
         log = (out / slug / "seed_0" / "train.log").read_text()
         assert "steps 2->4" in log

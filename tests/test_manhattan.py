@@ -503,9 +503,12 @@ def test_effective_rank():
 
 
 def test_transformer_adapter_decodes_like_a_full_forward(make_model, city):
-    """KV-cached start/step logits equal the teacher-forced logits of the same tokens."""
+    """KV-cached start/step logits equal the teacher-forced logits of the same tokens.
+
+    The model runs in float64 (cached and whole-sequence passes have other kernel shapes, which round float32
+    differently by BLAS); the adapter returns float32, so the two may differ by that last rounding only."""
     g, tok = city
-    model = make_model(vocab_size=tok.vocab_size)
+    model = make_model(vocab_size=tok.vocab_size).double()
     model.train()
     lm = TransformerWalkModel(model)
     ids = torch.randint(0, tok.vocab_size, (3, 9), generator=torch.Generator().manual_seed(0))
@@ -513,7 +516,7 @@ def test_transformer_adapter_decodes_like_a_full_forward(make_model, city):
     with torch.no_grad():
         full = lm.score(ids)  # (3, 9, V)
         step = [lm.start(ids[:, :2])] + [lm.step(ids[:, t]) for t in range(2, 9)]
-    assert torch.allclose(torch.stack(step, 1), full[:, 1:], atol=1e-5)
+    assert torch.allclose(torch.stack(step, 1), full[:, 1:], rtol=2 * torch.finfo(torch.float32).eps, atol=1e-12)
     pairs = sample_pairs(g, 5, seed=0)
     model.train()
     valid_trajectories(model, g, tok, pairs, max_len=20)

@@ -126,7 +126,7 @@ def test_evaluate_on_untrained_model(run_config):
     assert set(out) == {"acc_greedy", "acc_sampled", *(f"pos_acc_{k}" for k in range(1, L + 1))}
     assert all(0.0 <= v <= 1.0 for v in out.values())
     assert model.training  # restored
-    assert task.evaluate(model, seed=0) == out  # deterministic for a seed
+    assert task.evaluate(model, seed=0) == out  # deterministic for a seed (same process, same inputs)
 
 
 def test_evaluate_scores_a_perfect_model_as_one(run_config):
@@ -157,11 +157,15 @@ def test_evaluate_scores_a_perfect_model_as_one(run_config):
 
 
 def test_chunked_evaluation_matches_one_pass(run_config, monkeypatch):
-    """Evaluating in chunks (bounded memory) gives the same deterministic metrics as one pass."""
+    """Evaluating in chunks (bounded memory) gives the same deterministic metrics as one pass.
+
+    In float64: chunks run other batch sizes, which round float32 differently (by BLAS) and could flip a
+    near-tied greedy argmax of this random model. The metrics are then exact counts."""
     comps = build(run_config(**{"task.eval_examples": 16}))
+    comps.model.double()
     one_pass = comps.task.evaluate(comps.model, seed=0)
     monkeypatch.setattr(PathStarTask, "EVAL_CHUNK", 5, raising=False)
     chunked = comps.task.evaluate(comps.model, seed=0)
     for key, value in one_pass.items():
         if key != "acc_sampled":  # sampling draws in a different order across chunks
-            assert chunked[key] == pytest.approx(value, abs=1e-6), key
+            assert chunked[key] == value, key

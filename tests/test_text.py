@@ -76,7 +76,7 @@ def _decode_docs(task: TextTask, stream: torch.Tensor) -> list[str]:
 def test_tokenizer_round_trip_determinism_and_save(tmp_path):
     docs = _docs(40)
     a, b = BPETokenizer.train(docs, 300), BPETokenizer.train(docs, 300)
-    assert a.to_json() == b.to_json(), "training must be deterministic"
+    assert a.to_json() == b.to_json(), "training must be deterministic"  # two trainings in one process
     assert a.vocab_size <= 300 and a.eos_id == 0
     text = "def f(x):\n    return 'ünïcödé ✓' + \"<eos>\"  \t\n"
     ids = a.encode(text)
@@ -258,7 +258,7 @@ def test_evaluate_is_a_deterministic_document_masked_token_mean(tmp_path, corpus
     assert math.isfinite(res["val_loss"]) and res["val_ppl"] == pytest.approx(math.exp(res["val_loss"]))
     batch = task.val_data().get(torch.arange(2))  # eval_tokens=64 with seq_len 32: the first two windows
     assert res["val_tokens"] == int((batch.targets != IGNORE).sum())
-    assert task.evaluate(model) == res
+    assert task.evaluate(model) == res  # deterministic: same process, same inputs
     assert task.evaluate(model, max_examples=1)["val_tokens"] < res["val_tokens"]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -59,7 +60,8 @@ def mean_parts(sums: dict[str, float], counts: dict[str, Tensor | int]) -> dict[
 
 def ce_term(logits: Tensor, targets: Tensor, weight: float = 1.0) -> LossTerm:
     """Cross-entropy of (..., V) logits against (...) targets, summed over the targets that are not IGNORE."""
-    ce = F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # at least fp32; float64 stays float64
+    ce = F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=IGNORE, reduction="sum")
     return LossTerm(ce, (targets != IGNORE).sum(), weight)
 
 

@@ -114,7 +114,8 @@ class NextLatent(Objective):
         target_h = h.detach()  # stop-gradient targets
         head_w = model.lm_head.weight.detach()  # the KL must not train the LM head
         if lam_kl > 0:
-            teacher_logp = F.log_softmax(logits.detach().float(), dim=-1)  # (N, V)
+            teacher_logp = F.log_softmax(  # (N, V)
+                logits.detach().to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
             # row of teacher_logp holding each scored position (B, T); KL destinations are always scored
             row = torch.full(scored.shape, -1, dtype=torch.long, device=h.device)
             row[scored] = torch.arange(len(logits), device=h.device)
@@ -124,13 +125,16 @@ class NextLatent(Objective):
             h_hat = self.dynamics(h_hat[:, : T - i], emb[:, i:])  # (B, T - i, D)
             latent_mask, kl_mask = self._masks(batch, i)
             if lam_h > 0:
-                l1 = F.smooth_l1_loss(h_hat.float(), target_h[:, i:].float(), reduction="none", beta=1.0)
+                l1 = F.smooth_l1_loss(h_hat.to(torch.promote_types(h_hat.dtype, torch.float32)),
+                                      target_h[:, i:].to(torch.promote_types(target_h.dtype, torch.float32)),
+                                      reduction="none", beta=1.0)
                 m = latent_mask.unsqueeze(-1)
                 terms[f"next_h@{i}"] = LossTerm(
                     (l1 * m).sum(), latent_mask.sum() * h.shape[-1], lam_h / d
                 )
             if lam_kl > 0:
-                student_logp = F.log_softmax(F.linear(h_hat[kl_mask], head_w).float(), dim=-1)  # (M, V)
+                student = F.linear(h_hat[kl_mask], head_w)  # (M, V)
+                student_logp = F.log_softmax(student.to(torch.promote_types(student.dtype, torch.float32)), dim=-1)
                 teacher = teacher_logp[row[:, i:][kl_mask]]  # (M, V)
                 kl = (teacher.exp() * (teacher - student_logp)).sum()  # forward KL(p || q), summed
                 terms[f"kl@{i}"] = LossTerm(kl, kl_mask.sum(), lam_kl / d)
