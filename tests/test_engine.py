@@ -16,8 +16,10 @@ import torch
 
 from nextlat.config import ModelConfig, ObjectiveConfig
 from nextlat.decoding import engine
-from nextlat.decoding.engine import CachedTarget, NextLatDrafter, RecomputeTarget, Sampling, decode, speculative_decode
+from nextlat.decoding.drafters import MTPDrafter, NextLatDrafter
+from nextlat.decoding.engine import CachedTarget, RecomputeTarget, Stepper, decode, speculative_decode
 from nextlat.decoding.reference import generate
+from nextlat.decoding.sampling import Sampling
 from nextlat.model import Transformer
 from nextlat.objectives import build_objective
 
@@ -27,7 +29,7 @@ def tiny(seed: int, vocab: int = 40, std: float = 0.02, layers: int = 2) -> tupl
     model = Transformer(ModelConfig(vocab_size=vocab, n_layer=layers, n_head=2, d_model=32, max_seq_len=160,
                                     init_std=std)).eval().double()
     objective = build_objective(ObjectiveConfig(name="next_latent"), model).eval().double()
-    return model, NextLatDrafter(model, objective.dynamics)
+    return model, NextLatDrafter(model, objective)
 
 
 def tiny_mtp(seed: int, vocab: int = 40, std: float = 0.3, layers: int = 2, horizon: int = 3):
@@ -36,7 +38,7 @@ def tiny_mtp(seed: int, vocab: int = 40, std: float = 0.3, layers: int = 2, hori
     model = Transformer(ModelConfig(vocab_size=vocab, n_layer=layers, n_head=2, d_model=32, max_seq_len=160,
                                     init_std=std)).eval().double()
     objective = build_objective(ObjectiveConfig(name="mtp", horizon=horizon), model).eval().double()
-    return model, objective.drafter(model)
+    return model, MTPDrafter(model, objective)
 
 
 def random_prompts(n: int, vocab: int, seed: int) -> list[torch.Tensor]:
@@ -73,7 +75,7 @@ def test_targets_with_prompts_of_different_lengths(target_cls):
     target = target_cls(model, prompts, 24)
     new = torch.randint(0, 40, (3, 4))
     h_new = target.run(new)
-    target.keep(torch.tensor([1, 4, 0]))  # row 0 keeps one token, row 1 all, row 2 none
+    target.keep(torch.tensor([1, 4, 0]), [1, 4, 0])  # row 0 keeps one token, row 1 all, row 2 none
     more = torch.randint(0, 40, (3, 2))
     h_more = target.run(more)
     for b, p in enumerate(prompts):
@@ -176,7 +178,7 @@ def test_speculative_greedy_on_a_trained_nextlat_model(tmp_path):
     trainer = Trainer(cfg, out_dir=tmp_path / "run")
     trainer.fit()
     model, obj = trainer.model.eval().double(), trainer.objective.eval().double()  # float64: see the module docstring
-    drafter = NextLatDrafter(model, obj.dynamics)
+    drafter = NextLatDrafter(model, obj)
     data = trainer.task.test_data()
     prompts = list(data.seqs[:8, : data.prompt_len])
     ref = reference(model, prompts, 12)

@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from nextlat.data import IGNORE, Batch
+from nextlat.decoding.drafters import NextLatDrafter
 from nextlat.model import RMSNorm
 from nextlat.objectives import LatentDynamics, LossOutput, NextLatent, NextToken
+from nextlat.registry import build_drafter
 
 # ----------------------------------------------------------------------------- reference
 
@@ -333,5 +335,5 @@ def test_next_latent_owns_its_dynamics(make_model, make_objective):
     assert isinstance(obj, NextLatent)
     names = {n for n, _ in obj.named_parameters()}
     assert names == {"dynamics.norm.weight", "dynamics.fc1.weight", "dynamics.fc2.weight", "dynamics.fc3.weight"}
-    drafter = obj.drafter(model)
-    assert drafter.dynamics is obj.dynamics and drafter.model is model
+    drafter = build_drafter(obj.default_drafter, model, obj)
+    assert isinstance(drafter, NextLatDrafter) and drafter.dynamics is obj.dynamics and drafter.model is model

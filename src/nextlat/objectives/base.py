@@ -86,6 +86,9 @@ class Objective(nn.Module):
     uses_horizon = True
     """Whether ``objective.horizon`` changes what the objective computes (benchmarks sweep it only then)."""
 
+    default_drafter: str | None = None
+    """The speculative-decoding drafter (a ``nextlat.registry.DRAFTERS`` name) this objective trains, if any."""
+
     def __init__(self, cfg: ObjectiveConfig, model: Transformer):
         super().__init__()
         self.cfg = cfg
@@ -108,10 +111,6 @@ class Objective(nn.Module):
 
     def forward(self, model: Transformer, batch: Batch) -> LossOutput:  # pragma: no cover - abstract
         raise NotImplementedError
-
-    def drafter(self, model: Transformer):
-        """A speculative-decoding drafter built from this objective's parameters, or None."""
-        return None
 
 
 class FutureTokenObjective(Objective):
