@@ -16,7 +16,10 @@ import torch.nn.functional as F
 
 from nextlat.config import ConfigError
 from nextlat.data import IGNORE, Batch
-from nextlat.decoding.engine import CachedTarget
+from nextlat.decoding.drafters import MTPDrafter
+from nextlat.decoding.engine import CachedTarget, decode
+from nextlat.decoding.reference import generate
+from nextlat.decoding.sampling import GREEDY, Sampling
 from nextlat.objectives.bst import BeliefState
 from nextlat.objectives.jtp import JointTokenPrediction
 from nextlat.objectives.mtp import MultiTokenPrediction
@@ -135,12 +138,12 @@ def test_mtp_drafter_reads_the_heads_through_its_own_cache(make_model, make_obje
     """The drafter's cached head logits, run incrementally like a decoder, equal the heads run on whole sequences."""
     model = make_model().double()  # float64: see the module docstring
     obj = make_objective(model, name="mtp", horizon=2).double()
-    drafter = obj.drafter(model)
+    drafter = MTPDrafter(model, obj)
     assert drafter.max_draft == 2 and drafter.trunk_layers == model.cfg.n_layer - 1
     ids = torch.randint(0, vocab, (3, 9))
     target = CachedTarget(model, list(ids[:, :5]), 16, drafter)
     steps = [target.run(ids[:, 5:7]), target.run(ids[:, 7:9])]  # two runs: positions 5-6, then 7-8
-    target.keep(torch.tensor([2, 1, 0]))  # rows keep different numbers of the second run's tokens
+    target.keep(torch.tensor([2, 1, 0]), [2, 1, 0])  # rows keep different numbers of the second run's tokens
     x, _, ctx = model.forward_layers(ids, n_layers=model.cfg.n_layer - 1)
     for k in (1, 2):
         full = model.logits(obj.head_state(model, x, ctx, k))  # (B, T, V)
@@ -151,7 +154,7 @@ def test_mtp_drafter_reads_the_heads_through_its_own_cache(make_model, make_obje
         torch.testing.assert_close(logits, full[torch.arange(3), torch.tensor([8, 7, 8])], atol=1e-12, rtol=1e-12)
     h, _ = model(ids)
     torch.testing.assert_close(steps[1], h[:, 7:9], atol=1e-12, rtol=1e-12)  # head 0 is the backbone itself
-    assert target.cache.lengths.tolist() == drafter.cache.lengths.tolist() == [9, 8, 7]
+    assert target.cache.lengths.tolist() == [9, 8, 7] and target.cache.end == 9  # the heads' cache follows these
 
 
 def test_jtp_matches_loop_reference(make_model, make_objective, packed_batch):
@@ -384,15 +387,53 @@ def test_bst_decoding_matches_training_states(make_model, make_objective, vocab)
     for j in (0, 3, 6):
         torch.testing.assert_close(obj.suffix_state(seq[:, j + 2 :], 3), states[:, j], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(states[:, -1], obj.empty_suffix.expand(3, -1))
-    # Greedy goal-conditioned decoding takes the next-token head's argmax at every step.
+    # Greedy goal-conditioned decoding through BST's head takes the next-token head's argmax at every step.
     prompt, suffix = seq[:, :4], seq[:, 7:]
-    out = obj.generate(model, prompt, 3, suffix=suffix)
+    out = generate(model, prompt, 3, head=obj.decoding_head(model, suffix))
     assert out.shape == (3, 7) and torch.equal(out[:, :4], prompt)
     for t in range(4, 7):
         assert torch.equal(out[:, t], obj.next_logits(model, out[:, :t], suffix)[:, -1].argmax(-1))
-    a = obj.generate(model, prompt, 3, temperature=1.0, generator=torch.Generator().manual_seed(3))
-    b = obj.generate(model, prompt, 3, temperature=1.0, generator=torch.Generator().manual_seed(3))
+    sampled, head = Sampling(temperature=1.0), obj.decoding_head(model)
+    a = generate(model, prompt, 3, sampling=sampled, generator=torch.Generator().manual_seed(3), head=head)
+    b = generate(model, prompt, 3, sampling=sampled, generator=torch.Generator().manual_seed(3), head=head)
     assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="rows"):
+        generate(model, prompt[:2], 1, head=obj.decoding_head(model, suffix))
+
+
+def _bst_private_loop(obj, model, prompt, n, suffix=None, sampling=GREEDY, generator=None):
+    """BeliefState.generate as it was before decoding went through nextlat.decoding (kept here as the reference)."""
+    b = obj.suffix_state(suffix, prompt.shape[0])
+    seq = prompt
+    for _ in range(n):
+        f, _ = model(seq)
+        logits = obj.next_head(f[:, -1], b.to(f.dtype))
+        seq = torch.cat([seq, sampling.choose(logits, generator)[:, None]], dim=1)
+    return seq
+
+
+@torch.no_grad()
+def test_bst_decodes_through_the_engine_like_its_old_private_loop(make_model, make_objective, vocab):
+    """Reference generation with BST's head is the old loop bit for bit; the KV-cached engine (float64, so kernel
+    shapes cannot decide a near tie) gives the same tokens, greedy and sampled."""
+    torch.manual_seed(0)
+    model = make_model(init_std=0.3).double().eval()  # a larger init: less repetitive outputs
+    obj = make_objective(model, name="bst").double().eval()
+    prompt, suffix = torch.randint(0, vocab, (4, 5)), torch.randint(0, vocab, (4, 3))
+    for suf in (None, suffix):
+        head = obj.decoding_head(model, suf)
+        old = _bst_private_loop(obj, model, prompt, 8, suf)
+        assert torch.equal(generate(model, prompt, 8, head=head), old)
+        assert decode(model, prompt, 8, head=head).tokens == old[:, 5:].tolist()
+        assert decode(model, prompt, 8, head=head, use_cache=False).tokens == old[:, 5:].tolist()
+    sampled = Sampling(temperature=1.0, top_k=5)
+    old = _bst_private_loop(obj, model, prompt[:1], 8, sampling=sampled, generator=torch.Generator().manual_seed(1))
+    new = generate(model, prompt[:1], 8, sampling=sampled, generator=torch.Generator().manual_seed(1),
+                   head=obj.decoding_head(model))
+    assert torch.equal(new, old)
+    got = decode(model, prompt[:1], 8, sampling=sampled, generator=torch.Generator().manual_seed(1),
+                 head=obj.decoding_head(model))
+    assert got.tokens == old[:, 5:].tolist()
 
 
 def test_pathstar_evaluates_bst_with_goal_conditioned_decoding(run_config):

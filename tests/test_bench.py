@@ -72,6 +72,14 @@ def test_bench_decode_and_speculative_generate(run_config, tmp_path, capsys, mon
     assert captured.out == plain
     assert "accepted/round" in captured.err
     assert loaded == [torch.float64] * 3  # bench-decode and both generate calls decoded in float64
+    # --drafter names any registered drafter; one the objective cannot build, or an unknown name, is a clear error
+    assert main(["generate", str(run), "--prompt", prompt, "--max-new-tokens", "5", "--device", "cpu",
+                 "--drafter", "next_latent"]) == 0
+    assert capsys.readouterr().out == plain
+    assert main(["generate", str(run), "--prompt", prompt, "--device", "cpu", "--drafter", "mtp"]) == 2
+    assert "objective.heads" in capsys.readouterr().err
+    assert main(["bench-decode", str(run), "--device", "cpu", "--drafter", "medusa"]) == 2
+    assert "unknown drafter 'medusa'" in capsys.readouterr().err
 
 
 def test_bench_decode_needs_a_drafter(run_config, tmp_path, capsys):
@@ -81,4 +89,6 @@ def test_bench_decode_needs_a_drafter(run_config, tmp_path, capsys):
     assert main(["train", str(recipe), "--out", str(run)]) == 0
     capsys.readouterr()
     assert main(["bench-decode", str(run), "--device", "cpu"]) == 2
+    assert "no drafter" in capsys.readouterr().err
+    assert main(["generate", str(run), "--prompt", "1 2 | 2 3 | / 1 3 =", "--device", "cpu", "--speculative"]) == 2
     assert "no drafter" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Reference decoding: greedy and sampled generation, logit processing."""
+"""Reference decoding: greedy and sampled generation; Sampling's logit processing."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nextlat.decoding.reference import generate
-from nextlat.decoding.sampling import next_tokens, process_logits
+from nextlat.decoding.sampling import GREEDY, Sampling
 
 
 def test_greedy_generate_appends_argmax_tokens(make_model, vocab):
@@ -22,8 +22,8 @@ def test_greedy_generate_appends_argmax_tokens(make_model, vocab):
 def test_sampling_is_reproducible_with_a_generator(make_model, vocab):
     model = make_model()
     prompt = torch.randint(0, vocab, (4, 3))
-    a = generate(model, prompt, 6, temperature=1.0, generator=torch.Generator().manual_seed(7))
-    b = generate(model, prompt, 6, temperature=1.0, generator=torch.Generator().manual_seed(7))
+    a = generate(model, prompt, 6, sampling=Sampling(temperature=1.0), generator=torch.Generator().manual_seed(7))
+    b = generate(model, prompt, 6, sampling=Sampling(temperature=1.0), generator=torch.Generator().manual_seed(7))
     assert torch.equal(a, b)
 
 
@@ -44,17 +44,20 @@ def test_generate_input_errors(make_model):
         generate(model, torch.zeros(5, dtype=torch.long), 1)
 
 
-def test_process_logits():
+def test_sampling_probs():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
-    torch.testing.assert_close(process_logits(logits), torch.softmax(logits, -1))
-    torch.testing.assert_close(process_logits(logits, temperature=2.0), torch.softmax(logits / 2, -1))
-    top2 = process_logits(logits, top_k=2)
+    torch.testing.assert_close(Sampling(1.0).probs(logits), torch.softmax(logits, -1))
+    torch.testing.assert_close(Sampling(temperature=2.0).probs(logits), torch.softmax(logits / 2, -1))
+    top2 = Sampling(1.0, top_k=2).probs(logits)
     assert (top2[0, 2:] == 0).all()
     torch.testing.assert_close(top2[0, :2], torch.softmax(logits[0, :2], -1))
     p = torch.softmax(logits, -1)[0]
-    nucleus = process_logits(logits, top_p=float(p[0]) + 1e-3)  # needs the top two tokens to reach top_p
+    nucleus = Sampling(1.0, top_p=float(p[0]) + 1e-3).probs(logits)  # needs the top two tokens to reach top_p
     assert (nucleus[0, :2] > 0).all() and (nucleus[0, 2:] == 0).all()
-    assert process_logits(logits, top_p=0.01)[0].tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert Sampling(1.0, top_p=0.01).probs(logits)[0].tolist() == [1.0, 0.0, 0.0, 0.0]
     with pytest.raises(ValueError, match="temperature"):
-        process_logits(logits, temperature=0.0)
-    assert next_tokens(logits).tolist() == [0]
+        GREEDY.probs(logits)
+    assert GREEDY.choose(logits).tolist() == [0]
+    for bad in ({"temperature": -1.0}, {"top_k": -1}, {"top_p": 0.0}):
+        with pytest.raises(ValueError):
+            Sampling(**bad)

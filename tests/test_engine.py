@@ -16,8 +16,10 @@ import torch
 
 from nextlat.config import ModelConfig
 from nextlat.decoding import engine
-from nextlat.decoding.engine import CachedTarget, NextLatDrafter, RecomputeTarget, Sampling, decode, speculative_decode
+from nextlat.decoding.drafters import MTPDrafter, NextLatDrafter
+from nextlat.decoding.engine import CachedTarget, RecomputeTarget, Stepper, decode, speculative_decode
 from nextlat.decoding.reference import generate
+from nextlat.decoding.sampling import Sampling
 from nextlat.model import Transformer
 from nextlat.registry import build_objective, objective_config
 
@@ -27,7 +29,7 @@ def tiny(seed: int, vocab: int = 40, std: float = 0.02, layers: int = 2) -> tupl
     model = Transformer(ModelConfig(vocab_size=vocab, n_layer=layers, n_head=2, d_model=32, max_seq_len=160,
                                     init_std=std)).eval().double()
     objective = build_objective(objective_config("next_latent"), model).eval().double()
-    return model, NextLatDrafter(model, objective.dynamics)
+    return model, NextLatDrafter(model, objective)
 
 
 def tiny_mtp(seed: int, vocab: int = 40, std: float = 0.3, layers: int = 2, horizon: int = 3):
@@ -36,7 +38,7 @@ def tiny_mtp(seed: int, vocab: int = 40, std: float = 0.3, layers: int = 2, hori
     model = Transformer(ModelConfig(vocab_size=vocab, n_layer=layers, n_head=2, d_model=32, max_seq_len=160,
                                     init_std=std)).eval().double()
     objective = build_objective(objective_config("mtp", horizon=horizon), model).eval().double()
-    return model, objective.drafter(model)
+    return model, MTPDrafter(model, objective)
 
 
 def random_prompts(n: int, vocab: int, seed: int) -> list[torch.Tensor]:
@@ -73,7 +75,7 @@ def test_targets_with_prompts_of_different_lengths(target_cls):
     target = target_cls(model, prompts, 24)
     new = torch.randint(0, 40, (3, 4))
     h_new = target.run(new)
-    target.keep(torch.tensor([1, 4, 0]))  # row 0 keeps one token, row 1 all, row 2 none
+    target.keep(torch.tensor([1, 4, 0]), [1, 4, 0])  # row 0 keeps one token, row 1 all, row 2 none
     more = torch.randint(0, 40, (3, 2))
     h_more = target.run(more)
     for b, p in enumerate(prompts):
@@ -176,7 +178,7 @@ def test_speculative_greedy_on_a_trained_nextlat_model(tmp_path):
     trainer = Trainer(cfg, out_dir=tmp_path / "run")
     trainer.fit()
     model, obj = trainer.model.eval().double(), trainer.objective.eval().double()  # float64: see the module docstring
-    drafter = NextLatDrafter(model, obj.dynamics)
+    drafter = NextLatDrafter(model, obj)
     data = trainer.task.test_data()
     prompts = list(data.seqs[:8, : data.prompt_len])
     ref = reference(model, prompts, 12)
@@ -184,6 +186,75 @@ def test_speculative_greedy_on_a_trained_nextlat_model(tmp_path):
         got = speculative_decode(model, drafter, prompts, 12, gamma=gamma)
         assert got.tokens == ref
         assert got.stats.accepted > 0  # a trained drafter gets some drafts accepted
+
+
+def test_stepper_is_the_loop_of_decode():
+    model, _ = tiny(9, std=0.3)
+    prompts = torch.randint(0, 40, (3, 6))
+    for use_cache in (True, False):
+        stepper, chosen = Stepper(model, use_cache=use_cache), []
+        logits = stepper.start(prompts, 20)
+        for _ in range(5):
+            chosen.append(logits.argmax(-1))
+            logits = stepper.step(chosen[-1])
+        assert torch.stack(chosen, 1).tolist() == decode(model, prompts, 5).tokens
+
+
+def test_drafters_come_from_the_registry():
+    from nextlat.registry import DRAFTERS, UnknownName, build_drafter
+
+    model, _ = tiny(0)
+    settings = {"next_latent": {"horizon": 2}, "mtp": {"horizon": 2}, "next_token": {}, "bst": {}}
+    objectives = {name: build_objective(objective_config(name, **kw), model) for name, kw in settings.items()}
+    assert sorted(DRAFTERS) == ["mtp", "next_latent"]
+    assert isinstance(build_drafter(None, model, objectives["next_latent"]), NextLatDrafter)
+    assert isinstance(build_drafter(None, model, objectives["mtp"]), MTPDrafter)
+    assert build_drafter(None, model, objectives["mtp"]).max_draft == 2
+    with pytest.raises(UnknownName, match=r"unknown drafter 'medusa' \(known: mtp, next_latent\)"):
+        build_drafter("medusa", model, objectives["next_latent"])
+    for name in ("next_token", "bst"):
+        with pytest.raises(ValueError, match="no drafter of its own"):
+            build_drafter(None, model, objectives[name])
+    with pytest.raises(ValueError, match=r"objective\.dynamics"):
+        build_drafter("next_latent", model, objectives["mtp"])
+    with pytest.raises(ValueError, match=r"objective\.heads"):
+        build_drafter("mtp", model, objectives["next_latent"])
+
+
+def count_host_reads(monkeypatch) -> list[str]:
+    """Patch the Tensor methods that read a value back to the host (each one waits for the device); record calls."""
+    calls: list[str] = []
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self, *a, _name=name, _original=original, **kw):
+            calls.append(_name)
+            return _original(self, *a, **kw)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+    return calls
+
+
+def test_decoding_steps_do_not_read_back_from_the_device(monkeypatch):
+    """Reads back are a fixed number per call (prefill checks, the final tokens), one per step only for stop_id,
+    and one per speculative round; none grows with the model's layers or the batch."""
+    model, drafter = tiny(10, std=0.3)
+    prompts = random_prompts(3, 40, seed=10)
+    calls = count_host_reads(monkeypatch)
+    counts = {}
+    for n in (5, 25):
+        calls.clear()
+        decode(model, prompts, n)
+        counts["plain", n] = len(calls)
+        calls.clear()
+        decode(model, prompts, n, stop_id=41)  # never emitted: every step checks
+        counts["stop", n] = len(calls)
+        calls.clear()
+        got = speculative_decode(model, drafter, prompts, n, gamma=3)
+        counts["spec", n] = len(calls) - got.stats.forward_passes  # one per round
+    assert counts["plain", 5] == counts["plain", 25] <= 4
+    assert counts["stop", 25] - counts["stop", 5] == 20
+    assert counts["spec", 5] == counts["spec", 25] <= 4
 
 
 def test_stats_are_consistent():

@@ -14,10 +14,12 @@ import torch
 import torch.nn.functional as F
 
 from nextlat.data import IGNORE, Batch
+from nextlat.decoding.drafters import NextLatDrafter
 from nextlat.model import RMSNorm
 from nextlat.objectives.base import LossOutput
 from nextlat.objectives.next_latent import LatentDynamics, NextLatent
 from nextlat.objectives.next_token import NextToken
+from nextlat.registry import build_drafter
 
 # ----------------------------------------------------------------------------- reference
 
@@ -340,5 +342,5 @@ def test_next_latent_owns_its_dynamics(make_model, make_objective):
     assert isinstance(obj, NextLatent)
     names = {n for n, _ in obj.named_parameters()}
     assert names == {"dynamics.norm.weight", "dynamics.fc1.weight", "dynamics.fc2.weight", "dynamics.fc3.weight"}
-    drafter = obj.drafter(model)
-    assert drafter.dynamics is obj.dynamics and drafter.model is model
+    drafter = build_drafter(obj.default_drafter, model, obj)
+    assert isinstance(drafter, NextLatDrafter) and drafter.dynamics is obj.dynamics and drafter.model is model

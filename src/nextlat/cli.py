@@ -33,7 +33,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from nextlat.decoding.engine import Sampling, decode, speculative_decode
+    from nextlat.decoding.engine import decode, speculative_decode
+    from nextlat.decoding.sampling import Sampling
+    from nextlat.registry import build_drafter
     from nextlat.training.build import load_components, resolve_device
 
     device = resolve_device(args.device)
@@ -46,23 +48,19 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     prompt = torch.tensor(ids, device=device)
     g = torch.Generator(device=device).manual_seed(args.seed)
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
-    if args.speculative:
-        drafter = objective.drafter(model)
-        if drafter is None:
-            raise ValueError(f"--speculative: objective {comps.cfg.objective.name!r} has no drafter")
+    # An objective with its own text head (BST) decodes through it; the others through the LM head.
+    head = objective.decoding_head(model) if hasattr(objective, "decoding_head") else None
+    if args.speculative or args.drafter is not None:
+        drafter = build_drafter(args.drafter, model, objective)
         res = speculative_decode(model, drafter, [prompt], args.max_new_tokens, gamma=args.gamma,
-                                 adaptive=args.adaptive, sampling=sampling, generator=g, stop_id=tok.eos_id)
+                                 adaptive=args.adaptive, sampling=sampling, generator=g, stop_id=tok.eos_id, head=head)
         st = res.stats
         print(f"[speculative] {st.new_tokens} tokens in {st.forward_passes + 1} target passes, "
               f"accepted/round {st.accepted_per_round:.2f}, tokens/pass {st.tokens_per_pass:.2f}", file=sys.stderr)
-        new = res.tokens[0]
-    elif getattr(objective, "generate", None) is not None:  # e.g. BST decodes through its own heads
-        out = objective.generate(model, prompt[None], args.max_new_tokens, temperature=args.temperature,
-                                 top_k=args.top_k, top_p=args.top_p, generator=g)[0, len(ids):].tolist()
-        new = out[: out.index(tok.eos_id) + 1] if tok.eos_id in out else out
     else:
-        new = decode(model, [prompt], args.max_new_tokens, sampling=sampling, generator=g, stop_id=tok.eos_id).tokens[0]
-    print(tok.decode(new))
+        res = decode(model, [prompt], args.max_new_tokens, sampling=sampling, generator=g, stop_id=tok.eos_id,
+                     head=head)
+    print(tok.decode(res.tokens[0]))
     return 0
 
 
@@ -121,7 +119,7 @@ def _cmd_bench_decode(args: argparse.Namespace) -> int:
                  max_new_tokens=args.max_new_tokens, gammas=args.gammas, adaptive=args.adaptive,
                  max_gamma=args.max_gamma, batch_size=args.batch_size, repeats=args.repeats,
                  paper_protocol=not args.no_paper, temperature=args.temperature,
-                 stop_at_eos=not args.ignore_eos, device=args.device,
+                 stop_at_eos=not args.ignore_eos, device=args.device, drafter=args.drafter,
                  json_out=args.json)
     return 0
 
@@ -135,6 +133,12 @@ def _cmd_recipes(args: argparse.Namespace) -> int:
         print(f"{name:40s} {cfg.objective.name:12s} {cfg.task.name:10s} "
               f"{cfg.model.n_layer}x{cfg.model.d_model}  {cfg.train.steps} steps x {cfg.train.batch_size}")
     return 0
+
+
+def _drafter_names() -> str:
+    from nextlat.registry import DRAFTERS
+
+    return ", ".join(sorted(DRAFTERS))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--speculative", action="store_true", help="self-speculative decoding with the objective's drafter")
+    g.add_argument("--drafter", metavar="NAME", help=f"speculative decoding with this drafter ({_drafter_names()}); "
+                   "default with --speculative: the objective's own")
     g.add_argument("--gamma", type=int, default=4, help="draft length (the cap when --adaptive is set)")
     g.add_argument("--adaptive", type=float, default=None, metavar="THRESHOLD",
                    help="stop drafting when the drafter's top probability falls below THRESHOLD")
@@ -193,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--adaptive", nargs="*", type=float, default=[0.5],
                    help="adaptive drafting thresholds on the drafter's top probability")
     d.add_argument("--max-gamma", type=int, default=10, help="draft cap for adaptive drafting")
+    d.add_argument("--drafter", metavar="NAME", help=f"drafter ({_drafter_names()}; default: the objective's own)")
     d.add_argument("--batch-size", type=int, default=1)
     d.add_argument("--repeats", type=int, default=3)
     d.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (outputs checked against the baseline)")
@@ -233,12 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from nextlat.config import ConfigError
+    from nextlat.registry import UnknownName
     from nextlat.training.checkpoint import CheckpointError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, UnknownName, ValueError, FileNotFoundError) as e:
         print(f"nextlat {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -66,6 +66,8 @@ class KVCache:
 
     k, v: (L, B, H, S_max, Dh). Row b holds ``lengths[b]`` valid positions; anything past that is
     stale and masked out, so rolling back after rejected draft tokens is just lowering the length.
+    ``end`` is the longest row's length, kept on the host so that a decoding step never waits for
+    the device to learn how many keys to read.
     """
 
     def __init__(self, n_layer: int, batch: int, n_head: int, max_len: int, head_dim: int,
@@ -74,6 +76,7 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        self.end = 0
         self.max_len = max_len
 
     def write(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -82,14 +85,25 @@ class KVCache:
         pos = (self.lengths[:, None] + torch.arange(T, device=k.device))[:, None, :, None].expand(B, H, T, Dh)
         self.k[layer].scatter_(2, pos, k.to(self.k.dtype))
         self.v[layer].scatter_(2, pos, v.to(self.v.dtype))
-        end = int(self.lengths.max()) + T
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        return self.k[layer, :, :, : self.end + T], self.v[layer, :, :, : self.end + T]
 
-    def rollback(self, lengths: Tensor) -> None:
-        """Forget every position at or past ``lengths`` (B,), e.g. rejected draft tokens."""
-        if bool((lengths > self.lengths).any()):
-            raise ValueError("rollback cannot extend the cache")
+    def advance(self, n: int) -> None:
+        """Every row now holds ``n`` more positions (the ones just written); ``lengths`` is replaced, not changed."""
+        self.lengths = self.lengths + n
+        self.end += n
+
+    def rollback(self, lengths: Tensor, end: int | None = None) -> None:
+        """Forget every position at or past ``lengths`` (B,), e.g. rejected draft tokens.
+
+        ``end`` is ``max(lengths)`` when the caller knows it on the host (the decoding engine does);
+        without it the lengths are read back and checked, which waits for the device.
+        """
+        if end is None:
+            if bool((lengths > self.lengths).any()):
+                raise ValueError("rollback cannot extend the cache")
+            end = int(lengths.max())
         self.lengths = lengths.clone()
+        self.end = end
 
 
 @dataclass
@@ -169,11 +183,11 @@ class Transformer(nn.Module):
         self.rotary = Rotary(cfg.d_model // cfg.n_head, cfg.max_seq_len, cfg.rope_base)
         init_weights(self, cfg.init_std)
 
-    def embed(self, input_ids: Tensor) -> Tensor:
-        """(B, T) token ids -> (B, T, D) embeddings, with a clear error for bad ids."""
+    def embed(self, input_ids: Tensor, check: bool = True) -> Tensor:
+        """(B, T) token ids -> (B, T, D) embeddings, with a clear error for bad ids (``check``: reads them back)."""
         if input_ids.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
-        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.cfg.vocab_size):
+        if check and input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.cfg.vocab_size):
             bad = input_ids[(input_ids < 0) | (input_ids >= self.cfg.vocab_size)][0].item()
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.cfg.vocab_size})")
         return self.embed_tokens(input_ids)
@@ -192,7 +206,7 @@ class Transformer(nn.Module):
                 raise ValueError("packed documents (doc_ids) cannot be decoded with a KV cache")
             if cache.k.shape[1] != B:
                 raise ValueError(f"KV cache holds batch size {cache.k.shape[1]}, input has {B}")
-            end = int(cache.lengths.max()) + T
+            end = cache.end + T
             if end > cache.max_len:
                 raise ValueError(f"KV cache of length {cache.max_len} cannot hold {end} tokens")
             # Query t of row b sits at position lengths[b] + t and sees keys 0 .. lengths[b] + t of its row.
@@ -217,7 +231,8 @@ class Transformer(nn.Module):
         input_ids: (B, T). doc_ids: optional (B, T) document index per token (packed sequences;
         -1 marks padding); attention stays within a document and positions restart in each.
         cache: optional KV cache; the tokens are appended after each row's cached prefix and the
-        cache lengths advance by T.
+        cache lengths advance by T. Token ids are checked (a read back from the device) unless the
+        cache already holds tokens: decoding steps feed ids the decoder chose, so only a prefill is checked.
         Returns (h, emb): h (B, T, D) final-norm hidden states, emb (B, T, D) input embeddings.
         """
         x, emb, _ = self.forward_layers(input_ids, doc_ids, position_ids, cache)
@@ -233,7 +248,7 @@ class Transformer(nn.Module):
         :meth:`continue_layers` can finish the backbone. A cache advances once the last block has run.
         """
         ctx = self.context(input_ids, doc_ids, position_ids, cache)
-        emb = self.embed(input_ids)
+        emb = self.embed(input_ids, check=cache is None or cache.end == 0)
         return self.continue_layers(emb, ctx, 0, n_layers), emb, ctx
 
     def continue_layers(self, x: Tensor, ctx: LayerContext, start: int, end: int | None = None) -> Tensor:
@@ -245,7 +260,7 @@ class Transformer(nn.Module):
         for i in range(start, end):
             x = self.layers[i](x, ctx, i)
         if ctx.cache is not None and end == len(self.layers):
-            ctx.cache.lengths += x.shape[1]
+            ctx.cache.advance(x.shape[1])
         return x
 
     def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:

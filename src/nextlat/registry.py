@@ -32,9 +32,19 @@ TASKS: dict[str, str] = {
 }
 
 DRAFTERS: dict[str, str] = {
-    "next_latent": "nextlat.decoding.engine:NextLatDrafter",
-    "mtp": "nextlat.decoding.engine:MTPDrafter",
+    "next_latent": "nextlat.decoding.drafters:NextLatDrafter",
+    "mtp": "nextlat.decoding.drafters:MTPDrafter",
 }
+
+
+def build_drafter(name: str | None, model: Any, objective: Any) -> Any:
+    """The drafter ``name`` built from a model and its objective; None: the objective's own (``default_drafter``)."""
+    if name is None:
+        name = getattr(objective, "default_drafter", None)
+        if name is None:
+            raise ValueError(f"objective {type(objective).__name__} has no drafter of its own: name one "
+                             f"(known: {', '.join(sorted(DRAFTERS))})")
+    return lookup(DRAFTERS, name, "drafter")(model, objective)
 
 EXPERIMENTS: dict[str, str] = {}
 

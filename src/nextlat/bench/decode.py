@@ -23,23 +23,26 @@ def _time(fn, device: torch.device, *args, **kwargs):
 def bench_decode(checkpoint: str, *, n_prompts: int = 8, prompt_len: int = 64, max_new_tokens: int = 64,
                  gammas: list[int] = (2, 3, 4, 5, 6, 8, 10), adaptive: list[float] = (0.5,), max_gamma: int = 10,
                  batch_size: int = 1, repeats: int = 3, paper_protocol: bool = True, temperature: float = 0.0,
-                 stop_at_eos: bool = True, device: str = "auto", json_out: str | None = None) -> dict:
+                 stop_at_eos: bool = True, device: str = "auto", drafter: str | None = None,
+                 json_out: str | None = None) -> dict:
     """Speculative vs ordinary decoding of one checkpoint, side by side in one process.
 
     For each protocol (KV-cached; and the paper's recompute-everything protocol) and each repeat,
     the baseline and every drafting setting decode the same prompts in interleaved order; the
     speedup of a setting is the median over repeats of baseline time / its time in the same
-    repeat. Greedy outputs are checked token for token against the baseline.
+    repeat. Greedy outputs are checked token for token against the baseline. ``drafter`` names a
+    registered drafter (default: the objective's own).
     """
-    from nextlat.decoding.engine import Sampling, decode, speculative_decode
+    from nextlat.decoding.engine import decode, speculative_decode
+    from nextlat.decoding.sampling import Sampling
+    from nextlat.registry import build_drafter
     from nextlat.training.build import load_components, resolve_device
 
     dev = resolve_device(device)
     comps, meta = load_components(checkpoint, dev)
     model, objective = comps.model.eval(), comps.objective.eval()
-    drafter = objective.drafter(model)
-    if drafter is None:
-        raise ValueError(f"objective {comps.cfg.objective.name!r} of {checkpoint} has no drafter for speculative decoding")
+    drafter_name = drafter
+    drafter = build_drafter(drafter_name, model, objective)
     prompts = comps.task.prompts(n_prompts, prompt_len, seed=0)
     eos = comps.task.tokenizer.eos_id if stop_at_eos else None
     sampling = Sampling(temperature=temperature)
@@ -64,6 +67,7 @@ def bench_decode(checkpoint: str, *, n_prompts: int = 8, prompt_len: int = 64, m
 
     protocols = [("kv-cache", True)] + ([("paper (no cache)", False)] if paper_protocol else [])
     report = {"checkpoint": str(checkpoint), "step": meta["step"], "device": str(dev),
+              "drafter": drafter_name or objective.default_drafter,
               "threads": torch.get_num_threads(), "prompts": len(prompts), "prompt_len": [len(p) for p in prompts],
               "max_new_tokens": max_new_tokens, "batch_size": batch_size, "repeats": repeats,
               "temperature": temperature, "stop_at_eos": stop_at_eos, "protocols": {}}

@@ -1,1 +1,1 @@
-"""Decoding: sampling, reference generation, the KV-cached engine and its drafters."""
+"""Decoding: sampling (one ``Sampling`` API), reference generation, the KV-cached engine, its drafters and stats."""

@@ -1,25 +1,30 @@
-"""Reference decoding: greedy and sampled generation that recomputes the prefix every step.
+"""Reference decoding: every step reruns the whole prefix, no cache.
 
-Simple and obviously correct, it is what task evaluations use on short sequences and what a
-cached engine must match. Sampling takes an explicit ``torch.Generator`` for reproducibility.
+Simple and obviously correct, it is what task evaluations use on short sequences and what the
+cached engine must match.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
-from nextlat.decoding.sampling import next_tokens
+from nextlat.decoding.sampling import GREEDY, Sampling
 from nextlat.model import Transformer
+
+Head = Callable[[Tensor], Tensor]
+"""Hidden states (..., D) -> next-token logits (..., V); ``model.logits`` unless an objective decodes through its own."""
 
 
 @torch.no_grad()
-def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, *, temperature: float = 0.0,
-             top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
-             stop_id: int | None = None) -> Tensor:
+def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, *, sampling: Sampling = GREEDY,
+             generator: torch.Generator | None = None, stop_id: int | None = None, head: Head | None = None) -> Tensor:
     """Extend (B, T) prompts by up to ``max_new_tokens``; rows that emitted ``stop_id`` keep emitting it.
 
-    Returns (B, T + n) with n <= max_new_tokens (stops early once every row has stopped).
+    ``head`` turns the last hidden state into logits (default ``model.logits``). Returns (B, T + n)
+    with n <= max_new_tokens (stops early once every row has stopped).
     """
     if prompt.dim() != 2:
         raise ValueError(f"prompt must have shape (B, T), got {tuple(prompt.shape)}")
@@ -28,11 +33,12 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, *, tempera
             f"prompt length {prompt.shape[1]} + max_new_tokens {max_new_tokens} exceeds "
             f"model.max_seq_len={model.cfg.max_seq_len}"
         )
+    head = head or model.logits
     seq = prompt
     done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
     for _ in range(max_new_tokens):
         h, _ = model(seq)
-        tok = next_tokens(model.logits(h[:, -1]), temperature, top_k, top_p, generator)
+        tok = sampling.choose(head(h[:, -1]), generator)
         if stop_id is not None:
             tok = torch.where(done, torch.full_like(tok, stop_id), tok)
             done |= tok == stop_id

@@ -113,6 +113,9 @@ class Objective(nn.Module):
 
     config_class: ClassVar[type[ObjectiveConfig]] = ObjectiveConfig
 
+    default_drafter: str | None = None
+    """The speculative-decoding drafter (a ``nextlat.registry.DRAFTERS`` name) this objective trains, if any."""
+
     def __init__(self, cfg: ObjectiveConfig, model: Transformer):
         super().__init__()
         self.cfg = cfg
@@ -135,10 +138,6 @@ class Objective(nn.Module):
 
     def forward(self, model: Transformer, batch: Batch) -> LossOutput:  # pragma: no cover - abstract
         raise NotImplementedError
-
-    def drafter(self, model: Transformer):
-        """A speculative-decoding drafter built from this objective's parameters, or None."""
-        return None
 
 
 class FutureTokenObjective(Objective):

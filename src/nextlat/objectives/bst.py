@@ -6,7 +6,8 @@ prefix x_0..x_t and a suffix x_s..x_e of one document with a non-empty gap betwe
 (s >= t + 2), the concatenation [f_t, b_s] feeds a next-token head predicting x_{t+1} and a
 previous-token head predicting x_{s-1}. The suffix may be empty (s = e + 1, a learned state), so
 the next-token head also decodes without a goal; with a goal it decodes towards it. The
-backbone's own LM head is not trained: a BST model decodes through ``generate`` / ``next_logits``.
+backbone's own LM head is not trained: a BST model decodes through ``decoding_head`` (given to
+the decoders of ``nextlat.decoding`` as ``head``) and is scored through ``next_logits``.
 
 A row's tokens are x_0..x_T: ``input_ids`` followed by the last target (so the targets must be
 next-token targets; this is checked). The label of x_{i+1} is ``targets[:, i]``: a token whose
@@ -26,7 +27,6 @@ from torch import Tensor, nn
 
 from nextlat.config import ObjectiveConfig
 from nextlat.data import IGNORE, Batch
-from nextlat.decoding.sampling import next_tokens
 from nextlat.model import Transformer, init_weights
 from nextlat.objectives.base import LossOutput, Objective, ce_term, check
 
@@ -219,24 +219,16 @@ class BeliefState(Objective):
         return torch.stack([self.prev_head(f_last, self.suffix_state(s, input_ids.shape[0]).to(f.dtype))
                             for s in suffixes], 1)
 
-    @torch.no_grad()
-    def generate(self, model: Transformer, prompt: Tensor, max_new_tokens: int, *, suffix: Tensor | None = None,
-                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                 generator: torch.Generator | None = None) -> Tensor:
-        """Goal-conditioned decoding: extend (B, T) prompts by ``max_new_tokens`` tokens meant to come before
-        ``suffix`` (B, S), sampled from the next-token head (None: empty suffix, plain decoding).
+    def decoding_head(self, model: Transformer, suffix: Tensor | None = None):
+        """The text head the decoders use for this objective (``head=`` of ``nextlat.decoding``): hidden states
+        (B, ..., D) -> next-token-head logits (B, ..., V), towards the (B, S) ``suffix`` (None: empty, plain
+        decoding). The suffix is encoded once, here."""
+        b = None if suffix is None else self.suffix_state(suffix, suffix.shape[0])  # (B, D)
 
-        The suffix is encoded once; the prefix is recomputed each step (reference speed). Returns (B, T + n).
-        """
-        if prompt.dim() != 2:
-            raise ValueError(f"prompt must have shape (B, T), got {tuple(prompt.shape)}")
-        if prompt.shape[1] + max_new_tokens > model.cfg.max_seq_len:
-            raise ValueError(f"prompt length {prompt.shape[1]} + max_new_tokens {max_new_tokens} exceeds "
-                             f"model.max_seq_len={model.cfg.max_seq_len}")
-        b = self.suffix_state(suffix, prompt.shape[0])  # (B, D)
-        seq = prompt
-        for _ in range(max_new_tokens):
-            f, _ = model(seq)
-            logits = self.next_head(f[:, -1], b.to(f.dtype))  # (B, V)
-            seq = torch.cat([seq, next_tokens(logits, temperature, top_k, top_p, generator)[:, None]], dim=1)
-        return seq
+        def head(f: Tensor) -> Tensor:
+            if b is not None and b.shape[0] != f.shape[0]:
+                raise ValueError(f"suffix has {b.shape[0]} rows, the decoded batch {f.shape[0]}")
+            s = self.empty_suffix.expand(f.shape[0], -1) if b is None else b
+            return self.next_head(f, s.to(f.dtype).view(f.shape[0], *[1] * (f.dim() - 2), -1))
+
+        return head

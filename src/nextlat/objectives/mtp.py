@@ -34,6 +34,7 @@ class MultiTokenPrediction(FutureTokenObjective):
 
     term_prefix = "mtp"
     config_class = MTPConfig
+    default_drafter = "mtp"
 
     def __init__(self, cfg: MTPConfig, model: Transformer):
         super().__init__(cfg, model)
@@ -46,7 +47,7 @@ class MultiTokenPrediction(FutureTokenObjective):
         """Normalised output (B, T, D) of head k on the trunk's residual stream x (B, T, D).
 
         Head k >= 1 uses layer k - 1 of a cache in ``ctx``: heads 1..d keep a cache of their own
-        (:class:`nextlat.decoding.engine.MTPDrafter`), never the backbone's.
+        (:class:`nextlat.decoding.drafters.MTPDrafter`), never the backbone's.
         """
         if k == 0:
             n = model.cfg.n_layer
@@ -62,9 +63,3 @@ class MultiTokenPrediction(FutureTokenObjective):
             h = self.head_state(model, x, ctx, k)[:, : T - k]  # (B, T - k, D); later positions have no target
             terms[f"mtp@{k}"] = head_ce(model, h, future_targets(batch, k), self.cfg.lambda_future / d)
         return LossOutput(terms)
-
-    def drafter(self, model: Transformer):
-        """Fixed-horizon speculative drafts from heads 1..d (:class:`nextlat.decoding.engine.MTPDrafter`)."""
-        from nextlat.decoding.engine import MTPDrafter  # local: the engine is optional for training
-
-        return MTPDrafter(model, self)

@@ -68,16 +68,12 @@ class NextLatent(Objective):
     """
 
     config_class = NextLatentConfig
+    default_drafter = "next_latent"
 
     def __init__(self, cfg: NextLatentConfig, model: Transformer):
         super().__init__(cfg, model)
         mc = model.cfg
         self.dynamics = LatentDynamics(mc.d_model, cfg.proj_factor, mc.init_std, mc.norm_eps)
-
-    def drafter(self, model: Transformer):
-        from nextlat.decoding.engine import NextLatDrafter  # local: the engine is optional for training
-
-        return NextLatDrafter(model, self.dynamics)
 
     def _masks(self, batch: Batch, step: int) -> tuple[Tensor, Tensor]:
         """(latent, kl) masks for transitions t -> t + step, each (B, T - step) bool.

@@ -511,10 +511,10 @@ class CountdownTask(Task):
     def _decode(self, model, objective, prompt: Tensor) -> Tensor:
         """(B, P) prompts -> (B, n) greedy answer tokens."""
         P = prompt.shape[1]
-        if getattr(objective, "generate", None) is not None:
+        if getattr(objective, "decoding_head", None) is not None:
             # BST: decode the known-length answer towards the only known suffix, EOS.
             suffix = torch.full((prompt.shape[0], 1), self._tok.eos_id, dtype=prompt.dtype, device=prompt.device)
-            return objective.generate(model, prompt, ANSWER_TOKENS, suffix=suffix)[:, P:]
+            return generate(model, prompt, ANSWER_TOKENS, head=objective.decoding_head(model, suffix))[:, P:]
         return generate(model, prompt, ANSWER_TOKENS + 1, stop_id=self._tok.eos_id)[:, P:]
 
     @torch.no_grad()
@@ -523,7 +523,7 @@ class CountdownTask(Task):
         """Greedy decoding on both test splits: shares solved with a valid equation chain
         (``solved_id``, ``solved_ood``) and with a valid final equation (``final_eq_valid_*``).
 
-        An objective with its own ``generate`` (BST) decodes the 17 answer tokens towards the suffix
+        An objective with its own ``decoding_head`` (BST) decodes the 17 answer tokens towards the suffix
         EOS. ``seed`` is unused (decoding is greedy).
         """
         n_max = max_examples or self.cfg.eval_examples

@@ -22,6 +22,7 @@ from torch import Tensor
 from nextlat.config import ConfigError, TaskConfig
 from nextlat.data import IGNORE, Batch
 from nextlat.decoding.reference import generate
+from nextlat.decoding.sampling import Sampling
 from nextlat.tasks.base import Task
 from nextlat.tasks.vocab import WordTokenizer
 
@@ -189,7 +190,7 @@ class PathStarTask(Task):
 
         ``pos_acc_k`` is the accuracy of the k-th answer node given the true prefix (k = 1 is the
         source, copied from the prompt; k = 2 is the first real branch decision). An objective with
-        its own ``generate`` (BST) decodes towards the goal instead (:meth:`_goal_conditioned`); one
+        its own ``decoding_head`` (BST) decodes towards the goal instead (:meth:`_goal_conditioned`); one
         with ``prev_logits`` also gets ``back_acc_k``: the accuracy of answer node k predicted backwards
         from the prompt and the true rest of the path (node k + 1 .. goal, EOS), i.e. walking back from
         the goal one parent at a time.
@@ -200,7 +201,7 @@ class PathStarTask(Task):
         was_training = model.training
         model.eval()
         g = torch.Generator(device=device).manual_seed(seed)
-        conditioned = getattr(objective, "generate", None) is not None
+        conditioned = getattr(objective, "decoding_head", None) is not None
         backward = getattr(objective, "prev_logits", None)
         greedy_ok, sampled_ok, pos_ok, back_ok = [], [], [], []
         for start in range(0, n, self.EVAL_CHUNK):  # chunks bound the memory of large test sets
@@ -210,7 +211,7 @@ class PathStarTask(Task):
                 greedy, sampled, teacher = self._goal_conditioned(objective, model, seqs, g)
             else:
                 greedy = generate(model, prompt, L)[:, P:]
-                sampled = generate(model, prompt, L, temperature=1.0, generator=g)[:, P:]
+                sampled = generate(model, prompt, L, sampling=Sampling(temperature=1.0), generator=g)[:, P:]
                 h, _ = model(seqs[:, : P + L - 1])
                 teacher = model.logits(h[:, P - 1 :]).argmax(-1)  # answer tokens 1..L, true prefix
             greedy_ok.append((greedy == answer).all(-1))
@@ -235,14 +236,15 @@ class PathStarTask(Task):
         """Greedy, sampled and teacher-forced answers (B, L) of an objective that decodes towards a known suffix.
 
         The suffix is the answer's known end, the goal (given in the prompt) and EOS, so the model
-        fills in the L - 1 nodes before the goal with ``objective.generate`` and scores the true
+        fills in the L - 1 nodes before the goal through ``objective.decoding_head`` and scores the true
         prefixes with ``objective.next_logits``; the goal itself is given (pos_acc_L is 1).
         """
         P, L = self._test.prompt_len, self._test.path_len
         prompt = seqs[:, :P]
         goal = prompt[:, P - 2 : P - 1]  # the prompt ends '/ source goal ='
         suffix = torch.cat([goal, torch.full_like(goal, self._tok.eos_id)], dim=1)
-        greedy = objective.generate(model, prompt, L - 1, suffix=suffix)[:, P:]
-        sampled = objective.generate(model, prompt, L - 1, suffix=suffix, temperature=1.0, generator=g)[:, P:]
+        head = objective.decoding_head(model, suffix)
+        greedy = generate(model, prompt, L - 1, head=head)[:, P:]
+        sampled = generate(model, prompt, L - 1, sampling=Sampling(temperature=1.0), generator=g, head=head)[:, P:]
         teacher = objective.next_logits(model, seqs[:, : P + L - 2], suffix)[:, P - 1 :].argmax(-1)
         return tuple(torch.cat([x, goal], dim=1) for x in (greedy, sampled, teacher))

@@ -6,7 +6,9 @@ stand-ins in tests (e.g. an oracle that always takes a shortest route):
 
 - ``score(ids, doc_ids=None) -> (B, T, V)`` teacher-forced next-token logits;
 - ``start(prompt) -> (B, V)`` and ``step(tokens) -> (B, V)``: incremental decoding of B rows in
-  lockstep (one session at a time);
+  lockstep (one session at a time; for a ``Transformer`` this is the decoding engine's
+  :class:`~nextlat.decoding.engine.Stepper`, the loop of ``decode``); the metrics choose tokens
+  with :class:`~nextlat.decoding.sampling.Sampling` and their own rules (legality, detours);
 - ``hidden(ids, doc_ids=None) -> (B, T, D)`` final hidden states (effective rank only).
 
 Legality: a predicted token is legal at intersection u of a walk towards destination d when it is
@@ -32,7 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nextlat.decoding.engine import Stepper
+from nextlat.decoding.sampling import GREEDY, Sampling
 from nextlat.tasks.manhattan.graph import DIRECTIONS, UNIT, StreetGraph, WalkTokenizer
+
+SAMPLE = Sampling(temperature=1.0)  # suffixes of the compression test
 
 # ----------------------------------------------------------------------------- model interface
 
@@ -68,15 +74,16 @@ class RecomputeModel:
 class TransformerWalkModel:
     """A nextlat ``Transformer`` (any objective's backbone) behind the :class:`WalkModel` interface.
 
-    Decoding keeps a KV cache, so a traversal costs one token per step. Inputs are CPU tensors and
-    are moved to the model's device; outputs come back as float32 CPU tensors.
+    Decoding goes through the engine's KV-cached :class:`~nextlat.decoding.engine.Stepper`, so a
+    traversal costs one token per step. Inputs are CPU tensors and are moved to the model's
+    device; outputs come back as float32 CPU tensors.
     """
 
     def __init__(self, model):
         self.module = model
         self.device = next(model.parameters()).device
         self.max_seq_len: int = model.cfg.max_seq_len
-        self._cache = None
+        self._stepper = Stepper(model)
 
     def hidden(self, ids: Tensor, doc_ids: Tensor | None = None) -> Tensor:
         doc = None if doc_ids is None else doc_ids.to(self.device)
@@ -89,13 +96,10 @@ class TransformerWalkModel:
         return self.module.logits(h).float().cpu()  # (B, T, V)
 
     def start(self, prompt: Tensor) -> Tensor:
-        self._cache = self.module.new_cache(prompt.shape[0])
-        h, _ = self.module(prompt.to(self.device), cache=self._cache)
-        return self.module.logits(h[:, -1]).float().cpu()  # (B, V)
+        return self._stepper.start(prompt.to(self.device), self.max_seq_len).float().cpu()  # (B, V)
 
     def step(self, tokens: Tensor) -> Tensor:
-        h, _ = self.module(tokens[:, None].to(self.device), cache=self._cache)
-        return self.module.logits(h[:, -1]).float().cpu()  # (B, V)
+        return self._stepper.step(tokens.to(self.device)).float().cpu()  # (B, V)
 
 
 def as_walk_model(model) -> WalkModel:
@@ -258,7 +262,7 @@ def _traverse(lm, graph: StreetGraph, tok: WalkTokenizer, pairs: Tensor, max_len
     dist = graph.dest_tables(dests)[0] if detour_prob > 0 else None  # (B, N)
     chosen, active = [], []
     for i in range(max_len + 1):
-        choice = logits.argmax(-1)  # (B,)
+        choice = GREEDY.choose(logits)  # (B,)
         if dist is not None:
             nxt_all = graph.succ[cur]  # (B, 8)
             can = (nxt_all >= 0) & (dist.gather(1, nxt_all.clamp(min=0)) >= 0)  # legal and dest still reachable
@@ -428,7 +432,7 @@ def _sample(lm, tok: WalkTokenizer, prompts: list[list[int]], budgets: list[int]
     out = torch.full((B, width), -1, dtype=torch.long)
     done = torch.zeros(B, dtype=torch.bool)
     for t in range(P0, width):
-        sample = torch.multinomial(torch.softmax(logits.double(), -1), 1, generator=g).squeeze(1)  # (B,)
+        sample = SAMPLE.choose(logits.double(), g)  # (B,)
         inside = t < lens
         live = ~inside & ~done & (t - lens < budget)
         nxt = torch.where(inside, forced[:, t], sample)
