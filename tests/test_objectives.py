@@ -1,4 +1,4 @@
-"""NextLat objective: exact semantics of DESIGN.md section 1 against an independent loop reference.
+"""NextLat objective: exact semantics of docs/architecture.md section 1 against an independent loop reference.
 
 Tests that compare two computations of other shapes (the vectorised objective vs the loop reference, a packed
 row vs its documents, micro-batches vs the whole batch) run in float64 with tight tolerances: float32 rounds

@@ -29,7 +29,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """Decoder-only backbone (DESIGN.md section 1: the Llama architecture)."""
+    """Decoder-only backbone (docs/architecture.md section 1: the Llama architecture)."""
 
     vocab_size: int = 0
     """Vocabulary size; 0 takes the size of the task's tokenizer."""

@@ -1,4 +1,4 @@
-"""The decoder-only backbone shared by every objective (DESIGN.md section 1).
+"""The decoder-only backbone shared by every objective (docs/architecture.md section 1).
 
 Pre-norm blocks with RMSNorm, rotary position embeddings (half-split convention), SwiGLU MLPs,
 no biases, untied input embedding and LM head, N(0, init_std) init. Parameter names follow the

@@ -1,4 +1,4 @@
-"""KV-cached decoding and lossless self-speculative decoding (DESIGN.md section 3).
+"""KV-cached decoding and lossless self-speculative decoding (docs/architecture.md sections 1 and 5).
 
 A target wraps the model: :class:`CachedTarget` keeps a preallocated KV cache (prefill of the
 prompts, then only new tokens; rollback = lowering a row's length) and :class:`RecomputeTarget`

@@ -6,7 +6,7 @@ sequence TC(h_t, E(x_t)), TC(h_t, E(x_{t+1})), ..., TC(h_t, E(x_{t+d})), with TC
 LayerNorm(e + gamma * h), goes through one causal self-attention layer with a learned relative
 position bias; h_t is added back, then a final norm and the shared LM head. Output j has seen
 x_t..x_{t+j} and predicts x_{t+j+1}; outputs 1..d give the d future-token terms, while the next
-token itself is the backbone's ordinary loss from h_t (DESIGN.md section 2).
+token itself is the backbone's ordinary loss from h_t (docs/architecture.md section 1).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 A shared trunk (the backbone's first n_layer - 1 blocks) feeds d + 1 heads, each one transformer
 block plus its own final norm, all sharing the LM head; head k predicts the token k + 1 steps ahead.
 Head 0 *is* the backbone's last block and final norm, so a model trained with MTP is still a plain
-backbone for export and ordinary decoding; heads 1..d belong to the objective (DESIGN.md section 2).
+backbone for export and ordinary decoding; heads 1..d belong to the objective (docs/architecture.md section 1).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 A small dynamics model p_psi predicts the transformer's next hidden state from the current one
 and the next token, h^_{t+1} = h_t + MLP(RMSNorm([E(x_{t+1}), h_t])). It is rolled out d steps
 with teacher forcing and trained against stop-gradient targets with a Smooth-L1 loss and a
-forward KL through the detached LM head (DESIGN.md section 1 states every rule implemented here).
+forward KL through the detached LM head (docs/architecture.md section 1 states every rule implemented here).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Language modelling on plain text files (DESIGN.md section 4, "Language modelling").
+"""Language modelling on plain text files (the paper's language-modelling set-up, arXiv 2511.05963).
 
 Files are read and split into documents; whole documents are held out for validation (a seeded
 shuffle); a byte-level BPE tokenizer is trained on the training documents (or loaded); every
