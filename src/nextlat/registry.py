@@ -36,7 +36,13 @@ DRAFTERS: dict[str, str] = {
     "mtp": "nextlat.decoding.engine:MTPDrafter",
 }
 
-EXPERIMENTS: dict[str, str] = {}
+# Looked up by nextlat.experiments.runner: an experiment's module sits above the registry and may use it.
+EXPERIMENTS: dict[str, str] = {
+    "pathstar": "nextlat.experiments.pathstar:EXPERIMENT",
+    "countdown": "nextlat.experiments.countdown:EXPERIMENT",
+    "a5": "nextlat.experiments.a5:EXPERIMENT",
+    "manhattan": "nextlat.experiments.manhattan:EXPERIMENT",
+}
 
 
 class UnknownName(KeyError):
