@@ -5,16 +5,25 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import sys
 
 import pytest
 import torch
 import yaml
 
+from nextlat import registry
 from nextlat.cli import main
 from nextlat.config import ConfigError
-from nextlat.experiments import runner as experiment
-from nextlat.experiments.runner import Arm, Experiment, Metric, plan, report, run_experiment
+from nextlat.experiments.base import SCALES, Arm, Experiment, Metric
+from nextlat.experiments.runner import get_experiment, plan, report, run_experiment
 from nextlat.experiments.sweep import Job, run_jobs
+
+
+def register(monkeypatch, exp: Experiment) -> None:
+    """Name ``exp`` in the registry under ``exp.name`` for this test, as an attribute of this module."""
+    attr = f"EXPERIMENT_{exp.name}"
+    monkeypatch.setattr(sys.modules[__name__], attr, exp, raising=False)
+    monkeypatch.setitem(registry.EXPERIMENTS, exp.name, f"{__name__}:{attr}")
 
 
 @pytest.fixture
@@ -28,7 +37,7 @@ def tiny_experiment(run_config, tmp_path, monkeypatch):
 
     exp = Experiment("tiny", arms, [Metric("acc_greedy", "greedy %"), Metric("pos_acc_1", "source", percent=False)],
                      paper={"GPT": {"G(2,10)": 49.4}})
-    monkeypatch.setitem(experiment.EXPERIMENTS, "tiny", exp)
+    register(monkeypatch, exp)
     return exp
 
 
@@ -95,7 +104,7 @@ def test_posthoc_arm_fits_its_objective_on_the_source_arms_frozen_backbone(tiny_
     gpt, nl = tiny_experiment.arms("cpu")
     post = Arm("GPT + dynamics", "post", nl.recipe, ("objective.horizon=1",), backbone_of="gpt")
     # listed first and two at a time: it must still wait for its source
-    monkeypatch.setitem(experiment.EXPERIMENTS, "tiny", dataclasses.replace(tiny_experiment, arms=lambda s: [post, gpt]))
+    register(monkeypatch, dataclasses.replace(tiny_experiment, arms=lambda s: [post, gpt]))
     out = tmp_path / "exp"
     jobs = plan("tiny", "cpu", [0], out)
     assert jobs[0].after == out / "gpt" / "seed_0" and jobs[1].after is None
@@ -132,21 +141,37 @@ def test_cli_experiment_trains_only_the_named_arms(tiny_experiment, tmp_path, ca
 
 def test_cli_experiment_errors_exit_2(capsys):
     assert main(["experiment", "mystery"]) == 2
-    assert "mystery" in capsys.readouterr().err
+    assert "unknown experiment 'mystery' (known: a5, countdown, manhattan, pathstar)" in capsys.readouterr().err
     assert main(["experiment", "pathstar", "--seeds", "0"]) == 2
 
 
-@pytest.mark.parametrize("name", sorted(experiment.EXPERIMENTS))
+@pytest.mark.parametrize("name", sorted(registry.EXPERIMENTS))
 def test_shipped_experiments_plan_from_shipped_recipes(name, tmp_path):
     scales = {"pathstar": ["cpu", "paper"], "countdown": ["cpu", "paper"], "a5": ["cpu", "gpu", "paper"],
               "manhattan": ["cpu", "gpu", "paper"]}[name]
-    for scale in experiment.SCALES:
+    for scale in SCALES:
         if scale in scales:
             jobs = plan(name, scale, [0], tmp_path)
             assert jobs and len({j.run_dir for j in jobs}) == len(jobs)
         else:  # refused before any recipe is looked up, naming the scales there are
             with pytest.raises(ConfigError, match=f"--scale '{scale}'.*{', '.join(scales)}"):
                 plan(name, scale, [0], tmp_path)
+
+
+@pytest.mark.parametrize("name", sorted(registry.EXPERIMENTS))
+def test_every_registered_experiment_declares_arms_at_each_of_its_scales(name):
+    """Built without training: each scale's arms have distinct folders and labels, a post-hoc arm names one of them
+    as its source, and every row of the paper's numbers is the label of an arm."""
+    exp = get_experiment(name)
+    assert exp.name == name and exp.metrics and exp.scales and set(exp.scales) <= set(SCALES)
+    labels = set()
+    for scale in exp.scales:
+        arms = exp.arms(scale)
+        slugs = [a.slug for a in arms]
+        assert arms and len(set(slugs)) == len(arms) and len({a.label for a in arms}) == len(arms)
+        assert all(a.backbone_of in slugs for a in arms if a.backbone_of is not None)
+        labels |= {a.label for a in arms}
+    assert set(exp.paper) <= labels
 
 
 def test_a5_report_draws_accuracy_by_position(tmp_path, monkeypatch, capsys):
@@ -161,11 +186,11 @@ def test_a5_report_draws_accuracy_by_position(tmp_path, monkeypatch, capsys):
                  "eval_examples": 8},
         "train": {"steps": 2, "batch_size": 8, "progress": False, "device": "cpu", "precision": "fp32"},
     }).to_yaml())
-    base = experiment.EXPERIMENTS["a5"]
+    base = get_experiment("a5")
     arms = lambda scale: [Arm("GPT", "gpt", str(recipe), ("objective.name=next_token",)),  # noqa: E731
                           Arm("NextLat d=1", "nl", str(recipe)),
                           Arm("GPT + dynamics", "post", str(recipe), backbone_of="gpt")]
-    monkeypatch.setitem(experiment.EXPERIMENTS, "a5", Experiment("a5", arms, base.metrics, figures=base.figures))
+    register(monkeypatch, Experiment("a5", arms, base.metrics, figures=base.figures))
     out = tmp_path / "exp"
     result = run_experiment("a5", seeds=[0, 1], out=out)
     curves = result["curves"]
@@ -202,11 +227,10 @@ def test_manhattan_experiment_on_a_given_graph_draws_maps(tmp_path, monkeypatch,
                  "eval_detour": 5, "max_len": 30},
         "train": {"steps": 2, "batch_size": 4, "progress": False, "device": "cpu", "precision": "fp32"},
     }).to_yaml())
-    base = experiment.EXPERIMENTS["manhattan"]
+    base = get_experiment("manhattan")
     arms = lambda scale: [Arm("GPT", "gpt", str(recipe), ("objective.name=next_token",)),  # noqa: E731
                           Arm("NextLat d=8", "nl", str(recipe))]
-    monkeypatch.setitem(experiment.EXPERIMENTS, "manhattan",
-                        Experiment("manhattan", arms, base.metrics, base.paper, figures=base.figures))
+    register(monkeypatch, Experiment("manhattan", arms, base.metrics, base.paper, figures=base.figures))
     out = tmp_path / "exp"
     assert main(["experiment", "manhattan", "--seeds", "1", "--graph", str(graph), "--out", str(out)]) == 0
     import yaml

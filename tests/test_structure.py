@@ -48,8 +48,9 @@ def layer(module: str) -> int:
 
 
 def imports_of(module: str) -> set[str]:
-    """The nextlat modules ``module`` imports anywhere in its code (function-local imports too), and for the
-    registry the modules its tables name (imported on lookup)."""
+    """The nextlat modules ``module`` imports anywhere in its code (function-local imports too), and the modules
+    a registry table names (imported on lookup) for the module that looks them up: the registry itself for its
+    components, the experiment runner for the experiments (which sit in its room, above the registry)."""
     tree = ast.parse(MODULES[module].read_text())
     out: set[str] = set()
     for node in ast.walk(tree):
@@ -60,8 +61,10 @@ def imports_of(module: str) -> set[str]:
                 sub = f"{node.module}.{a.name}"
                 out.add(sub if sub in MODULES else node.module)
     if module == "nextlat.registry":
-        for table in (registry.OBJECTIVES, registry.TASKS, registry.DRAFTERS, registry.EXPERIMENTS):
+        for table in (registry.OBJECTIVES, registry.TASKS, registry.DRAFTERS):
             out |= {target.split(":")[0] for target in table.values()}
+    if module == "nextlat.experiments.runner":
+        out |= {target.split(":")[0] for target in registry.EXPERIMENTS.values()}
     return out - {module}
 
 

@@ -36,17 +36,13 @@ DRAFTERS: dict[str, str] = {
     "mtp": "nextlat.decoding.drafters:MTPDrafter",
 }
 
-
-def build_drafter(name: str | None, model: Any, objective: Any) -> Any:
-    """The drafter ``name`` built from a model and its objective; None: the objective's own (``default_drafter``)."""
-    if name is None:
-        name = getattr(objective, "default_drafter", None)
-        if name is None:
-            raise ValueError(f"objective {type(objective).__name__} has no drafter of its own: name one "
-                             f"(known: {', '.join(sorted(DRAFTERS))})")
-    return lookup(DRAFTERS, name, "drafter")(model, objective)
-
-EXPERIMENTS: dict[str, str] = {}
+# Looked up by nextlat.experiments.runner: an experiment's module sits above the registry and may use it.
+EXPERIMENTS: dict[str, str] = {
+    "pathstar": "nextlat.experiments.pathstar:EXPERIMENT",
+    "countdown": "nextlat.experiments.countdown:EXPERIMENT",
+    "a5": "nextlat.experiments.a5:EXPERIMENT",
+    "manhattan": "nextlat.experiments.manhattan:EXPERIMENT",
+}
 
 
 class UnknownName(KeyError):
@@ -121,3 +117,13 @@ def build_task(cfg: TaskConfig, ckpt_dir=None):
     """The task of ``cfg``; with ``ckpt_dir``, the task of that checkpoint (see ``Task.from_checkpoint``)."""
     cls = task_class(cfg.name)
     return cls(cfg) if ckpt_dir is None else cls.from_checkpoint(cfg, ckpt_dir)
+
+
+def build_drafter(name: str | None, model: Any, objective: Any) -> Any:
+    """The drafter ``name`` built from a model and its objective; None: the objective's own (``default_drafter``)."""
+    if name is None:
+        name = getattr(objective, "default_drafter", None)
+        if name is None:
+            raise ValueError(f"objective {type(objective).__name__} has no drafter of its own: name one "
+                             f"(known: {', '.join(sorted(DRAFTERS))})")
+    return lookup(DRAFTERS, name, "drafter")(model, objective)

@@ -1,7 +1,8 @@
 """Experiments: every objective the paper compares on one task, over seeds, as one resumable command.
 
-An experiment is a list of *arms* (a recipe plus overrides, e.g. MTP at d = 4), a list of metrics
-read from each run's final evaluation, the paper's numbers for the same rows, and optional figures.
+An experiment (:class:`nextlat.experiments.base.Experiment`, one module each, named in
+:data:`nextlat.registry.EXPERIMENTS`) is a list of *arms* (a recipe plus overrides, e.g. MTP at d = 4), a list
+of metrics read from each run's final evaluation, the paper's numbers for the same rows, and optional figures.
 ``run_experiment`` queues every (arm, seed) run at once (:func:`nextlat.experiments.sweep.run_jobs`), skips
 finished runs and resumes interrupted ones, then writes ``results.md`` and ``results.json`` (every
 seed's value, mean and standard deviation, the paper's value) and the figures into the
@@ -11,221 +12,22 @@ experiment folder. ``report`` redoes the table and figures from whatever runs ha
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from nextlat.config import ConfigError
-from nextlat.experiments.sweep import Job, finished_runs, is_finished, run_jobs, seed_results, stats_of
-from nextlat.registry import load_config
+from nextlat.experiments.base import Arm, Experiment
+from nextlat.experiments.sweep import Job, is_finished, run_jobs, seed_results, stats_of
+from nextlat.registry import EXPERIMENTS, UnknownName, load_config, lookup
 from nextlat.training.checkpoint import atomic_write_text
 
 
-@dataclass(frozen=True)
-class Arm:
-    label: str
-    """Row label in the result table, e.g. 'NextLat d=4'."""
-    slug: str
-    """Folder of the arm's runs inside the experiment folder."""
-    recipe: str
-    overrides: tuple[str, ...] = ()
-    backbone_of: str | None = None
-    """Slug of another arm: each seed of this arm starts from that arm's run of the same seed with the backbone
-    frozen, and trains only the objective's own parameters (a post-hoc fit, e.g. a dynamics model on a GPT)."""
-
-
-@dataclass(frozen=True)
-class Metric:
-    key: str
-    """Key of the task's evaluation in ``results.json``."""
-    label: str
-    """Column label."""
-    percent: bool = True
-    """Shown multiplied by 100 (the value is a fraction)."""
-
-
-SCALES = ("cpu", "gpu", "paper")
-
-
-@dataclass
-class Experiment:
-    name: str
-    arms: Callable[[str], list[Arm]]
-    """Arms at a scale (one of ``scales``)."""
-    metrics: list[Metric]
-    paper: dict[str, dict[str, float]] = field(default_factory=dict)
-    """The paper's values: arm label -> metric label -> value (as printed in the paper)."""
-    paper_note: str = ""
-    figures: Callable[[Path, list[Arm], list[int]], dict[str, Any]] | None = None
-    """Draws the figures into the folder; returns extra results for results.json (e.g. curves)."""
-    scales: tuple[str, ...] = SCALES
-    """Scales with recipes: cpu (minutes on a CPU), gpu (minutes on one GPU), paper (the paper's set-up)."""
-
-
-def _objective_arms(task: str, scale: str, horizons: dict[str, list[int]]) -> list[Arm]:
-    """Arms ``<task>-<scale>-<objective>`` for each objective, one per horizon where it has one."""
-    labels = {"next_token": "GPT", "next_latent": "NextLat", "mtp": "MTP", "jtp": "JTP", "bst": "BST"}
-    arms = []
-    for obj, hs in horizons.items():
-        recipe = f"{task}-{scale}-{obj.replace('_', '-')}"
-        if not hs:
-            arms.append(Arm(labels[obj], obj.replace("_", "-"), recipe))
-        for d in hs:
-            arms.append(Arm(f"{labels[obj]} d={d}", f"{obj.replace('_', '-')}-d{d}", recipe, (f"objective.horizon={d}",)))
-    return arms
-
-
-def _pathstar_arms(scale: str) -> list[Arm]:
-    # Folders named after the recipes, so `nextlat sweep <recipe> --out <exp>/<recipe>` runs are reused.
-    return [Arm(label, f"pathstar-{scale}-{obj}", f"pathstar-{scale}-{obj}")
-            for label, obj in [("GPT", "next-token"), ("MTP", "mtp"), ("JTP", "jtp"), ("BST", "bst"),
-                               ("NextLat", "next-latent")]]
-
-
-def _countdown_arms(scale: str) -> list[Arm]:
-    return _objective_arms("countdown", scale, {"next_token": [], "bst": [], "mtp": [1, 4, 8], "jtp": [1, 4, 8],
-                                                "next_latent": [1, 4, 8]})
-
-
-def _a5_arms(scale: str) -> list[Arm]:
-    def trained_on(recipe: str) -> int:  # the scales differ: 12 and 36 at the paper's, 6 and 18 on CPU
-        return load_config(recipe).task.train_len
-
-    short, long = f"a5-{scale}-next-token", f"a5-{scale}-next-token-long"
-    posthoc_steps = {"cpu": 4000, "gpu": 3000, "paper": 40000}[scale]  # a quarter / 30% / a tenth of training
-    return [Arm(f"GPT (trained on {trained_on(short)})", "next-token", short),
-            Arm(f"GPT (trained on {trained_on(long)})", "next-token-long", long),
-            Arm("NextLat d=1", "next-latent", f"a5-{scale}-next-latent"),
-            # The control the paper does not run: the same dynamics model fitted afterwards to the frozen GPT.
-            Arm("GPT + post-hoc dynamics d=1", "posthoc-dynamics", f"a5-{scale}-next-latent",
-                (f"train.steps={posthoc_steps}",), backbone_of="next-token")]
-
-
-def _trained_models(out: Path, arm: Arm, seeds: list[int]) -> Iterator[tuple[Path, Any]]:
-    """(run folder, components) of the arm's finished runs, on the GPU when there is one. A finished run whose
-    checkpoints are gone (results copied from another machine without them) is left out of the figures with a
-    note; its numbers still count in the table."""
-    from nextlat.training.build import load_components, resolve_device
-    from nextlat.training.checkpoint import CheckpointError, resolve_checkpoint
-
-    for run in finished_runs(out / arm.slug, seeds):
-        try:
-            resolve_checkpoint(run)
-        except CheckpointError:
-            print(f"[experiment] {run}: no checkpoint, left out of the figures", flush=True)
-            continue
-        yield run, load_components(run, resolve_device("auto"))[0]
-
-
-def _a5_figures(out: Path, arms: list[Arm], seeds: list[int]) -> dict[str, Any]:
-    """Accuracy by position on the longest test words, per arm (and the NextLat dynamics run as an RNN)."""
-    import torch
-
-    from nextlat.experiments.plots import plot_curves
-    from nextlat.tasks.a5 import rnn_accuracy_by_position, transformer_accuracy_by_position
-
-    per_label: dict[str, list[list[float]]] = {}
-    for arm in arms:
-        for _, comps in _trained_models(out, arm, seeds):
-            model, objective = comps.model.eval(), comps.objective.eval()
-            L = max(comps.task.cfg.eval_lengths)
-            data = comps.task.test_data(L)
-            batch = data.get(torch.arange(min(len(data), comps.task.cfg.eval_examples))).to(next(model.parameters()).device)
-            if L <= model.cfg.max_seq_len and arm.backbone_of is None:  # a frozen backbone repeats its source arm
-                acc = transformer_accuracy_by_position(model, batch.input_ids, batch.targets)
-                per_label.setdefault(arm.label, []).append(acc.tolist())
-            dynamics = getattr(objective, "dynamics", None)
-            if dynamics is not None:
-                acc = rnn_accuracy_by_position(model, dynamics, batch.input_ids, batch.targets)
-                label = f"{arm.label} (RNN)" if arm.backbone_of else f"{arm.label}, dynamics as RNN"
-                per_label.setdefault(label, []).append(acc.tolist())
-    curves = {}
-    for label, runs in per_label.items():
-        t = torch.tensor(runs)  # (seeds, L)
-        curves[label] = {"x": list(range(1, t.shape[1] + 1)), "mean": t.mean(0).tolist(),
-                         "std": (t.std(0) if len(runs) > 1 else torch.zeros(t.shape[1])).tolist(), "n": len(runs)}
-    if curves:
-        plot_curves(curves, out / "a5_accuracy_vs_length.png", xlabel="position t (sequence length)",
-                    ylabel="accuracy of the state s_t", title="A5 state tracking (mean ± std over seeds)")
-    return {"curves": curves}
-
-
-def _manhattan_arms(scale: str) -> list[Arm]:
-    return _objective_arms("manhattan", scale, {"next_token": [], "mtp": [8], "jtp": [8], "next_latent": [8]})
-
-
-def _manhattan_figures(out: Path, arms: list[Arm], seeds: list[int]) -> dict[str, Any]:
-    """Map reconstruction of each arm's first finished seed: the streets its greedy traversals use or invent."""
-    from nextlat.tasks.manhattan.metrics import draw_map, map_reconstruction, valid_trajectories
-
-    maps = {}
-    for arm in arms:
-        run, comps = next(_trained_models(out, arm, seeds), (None, None))
-        if run is None:
-            continue
-        task, model = comps.task, comps.model.eval()
-        res = valid_trajectories(model, task.graph, task.tokenizer, task.test_pairs(task.cfg.eval_valid),
-                                 max_len=task.move_cap(model))
-        m = map_reconstruction(task.graph, res.traversals)
-        draw_map(task.graph, m, out / f"map_{arm.slug}.png", title=f"{arm.label} ({run.name})")
-        maps[arm.label] = {"run": str(run), "true_edges": len(m.true_edges), "invented_edges": len(m.invented),
-                           "valid": res.valid}
-    return {"maps": maps}
-
-
-EXPERIMENTS: dict[str, Experiment] = {
-    "pathstar": Experiment(
-        "pathstar", _pathstar_arms,
-        [Metric("acc_greedy", "exact path, greedy %"), Metric("acc_sampled", "exact path, sampled %")],
-        paper={"GPT": {"G(2,10)": 49.4, "G(5,5)": 18.6}, "MTP": {"G(2,10)": 66.2, "G(5,5)": 21.2},
-               "JTP": {"G(2,10)": 69.5, "G(5,5)": 47.3}, "BST": {"G(2,10)": 98.9, "G(5,5)": 99.9},
-               "NextLat": {"G(2,10)": 97.1, "G(5,5)": 99.8}},
-        paper_note="Paper: exact-path accuracy (%, sampled at temperature 1) on larger graphs; our graph is the recipe's.",
-        scales=("cpu", "paper"),
-    ),
-    "countdown": Experiment(
-        "countdown", _countdown_arms,
-        [Metric("solved_id", "solved, in-distribution %"), Metric("solved_ood", "solved, held-out targets %"),
-         Metric("final_eq_valid_id", "final equation valid %")],
-        paper={"GPT": {"solved %": 33.1}, "BST": {"solved %": 42.3},
-               **{f"MTP d={d}": {"solved %": v} for d, v in zip((1, 4, 8), (39.2, 49.7, 57.3))},
-               **{f"JTP d={d}": {"solved %": v} for d, v in zip((1, 4, 8), (39.0, 49.4, 55.0))},
-               **{f"NextLat d={d}": {"solved %": v} for d, v in zip((1, 4, 8), (54.8, 57.6, 58.7))}},
-        paper_note="Paper: % of 10k test problems solved (inputs 1..99), 12x768 models trained 100k steps x 1024. "
-                   "The CPU scale draws inputs from 1..20 and trains 4x128 models for 2000 steps x 64.",
-        scales=("cpu", "paper"),
-    ),
-    "a5": Experiment(
-        "a5", _a5_arms,
-        [Metric("acc@12", "acc, length 12 %"), Metric("rnn_acc@12", "RNN acc, length 12 %"),
-         Metric("acc@36", "acc, length 36 %"),
-         Metric("acc_last@36", "last position, length 36 %"), Metric("rnn_acc@36", "RNN acc, length 36 %"),
-         Metric("rnn_acc_last@36", "RNN last position, length 36 %"), Metric("rnn_acc@100", "RNN acc, length 100 %")],
-        paper_note="Paper: the NextLat dynamics model run as an RNN stays above 95% at length 36 after training "
-                   "on 12; transformers (even one trained on 36) fail. The CPU scale trains on 6 (and 18).",
-        figures=_a5_figures,
-    ),
-    "manhattan": Experiment(
-        "manhattan", _manhattan_arms,
-        [Metric("next_token", "next-token test %"), Metric("valid", "valid trajectories %"),
-         Metric("compression", "compression", percent=False), Metric("eff_rank", "effective rank", percent=False),
-         Metric("detour", "detour robustness %"), Metric("map_invented_edges", "invented streets", percent=False)],
-        paper={"GPT": {"next-token": 100, "valid": 97.0, "compression": 0.65, "rank": 160.1, "detour": 85.0},
-               "MTP d=8": {"next-token": 100, "valid": 98.1, "compression": 0.64, "rank": 57.7, "detour": 95.0},
-               "JTP d=8": {"next-token": 100, "valid": 97.1, "compression": 0.32, "rank": 215.8, "detour": 87.0},
-               "NextLat d=8": {"next-token": 100, "valid": 98.7, "compression": 0.71, "rank": 52.7, "detour": 95.0}},
-        paper_note="Paper (Table 1): the real Manhattan graph, 48x384 models trained 400k steps x 256. "
-                   "Pass --graph PATH for a street graph file; without it the runs use the procedural city.",
-        figures=_manhattan_figures,
-    ),
-}
-
-
 def get_experiment(name: str) -> Experiment:
-    if name not in EXPERIMENTS:
-        raise ConfigError(f"unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)}")
-    return EXPERIMENTS[name]
+    """The experiment that :data:`nextlat.registry.EXPERIMENTS` names ``name`` (imported on first use)."""
+    try:
+        return lookup(EXPERIMENTS, name, "experiment")
+    except UnknownName as e:
+        raise ConfigError(str(e)) from None
 
 
 def select_arms(arms: list[Arm], slugs: list[str] | None) -> list[Arm]:
