@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from nextlat.decoding.budget import draft_room
 from nextlat.decoding.sampling import process_logits
 from nextlat.model import KVCache, LayerContext, Transformer
 
@@ -376,7 +377,7 @@ def speculative_decode(model: Transformer, drafter: Drafter, prompts: Tensor | l
     t0 = time.perf_counter()
     # Room for a round's drafts past the last emitted token, twice: a row that finishes mid-round keeps
     # its accepted drafts and is still run (its output ignored) through later rounds.
-    target = _target(model, rows, _check_budget(model, rows, max_new_tokens, 2 * (gamma + 1)), use_cache, drafter)
+    target = _target(model, rows, _check_budget(model, rows, max_new_tokens, draft_room(gamma)), use_cache, drafter)
     h_last, last_index = target.h_last, torch.zeros(B, dtype=torch.long, device=device)
     pending, _ = sampling.choose(model.logits(h_last), generator)  # (B,), exact: from the target itself
     _sync(device)
