@@ -16,8 +16,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-train: install           ## default run: NextLat on a small Path-Star graph (a few minutes on CPU)
-	$(VENV)/bin/nextlat train
+DEMO   := runs/pathstar-demo
+
+train: install           ## default run: NextLat on a small Path-Star graph (a few minutes on CPU); continues an interrupted one
+	@if [ -f $(DEMO)/results.json ]; then \
+	  echo "$(DEMO) holds a finished run (results: $(DEMO)/results.json)."; \
+	  echo "To train again, remove it (rm -r $(DEMO)) or train into another folder ($(VENV)/bin/nextlat train --out runs/NAME)."; \
+	else \
+	  $(VENV)/bin/nextlat train --resume; \
+	fi
 
 test: install            ## the default test suite (a few minutes on 2 cores)
 	$(PY) -m pytest -q

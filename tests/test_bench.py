@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from nextlat.cli import main
+from nextlat.decoding.budget import draft_room, new_token_budget
 
 
 def test_bench_train_reports_every_variant_against_next_token(run_config, tmp_path, capsys, monkeypatch):
@@ -92,3 +94,15 @@ def test_bench_decode_needs_a_drafter(run_config, tmp_path, capsys):
     assert "no drafter" in capsys.readouterr().err
     assert main(["generate", str(run), "--prompt", "1 2 | 2 3 | / 1 3 =", "--device", "cpu", "--speculative"]) == 2
     assert "no drafter" in capsys.readouterr().err
+
+
+def test_new_token_budget_cuts_the_default_to_fit_and_names_what_to_lower():
+    assert new_token_budget(None, 22, draft_room(10), 64, default=64, lower=["--gammas"]) == 20
+    assert new_token_budget(None, 22, 0, 64, default=32, lower=["--prompt"]) == 32
+    assert new_token_budget(42, 22, 0, 64, default=32, lower=["--prompt"]) == 42
+    with pytest.raises(ValueError, match=r"^22 prompt tokens \+ 43 new tokens exceed model\.max_seq_len=64 \(at most 42 "
+                                         r"new tokens fit\); lower --max-new-tokens or --prompt$"):
+        new_token_budget(43, 22, 0, 64, default=32, lower=["--prompt"])
+    with pytest.raises(ValueError, match=r"^60 prompt tokens \+ 22 of draft room leave no room for new tokens in "
+                                         r"model\.max_seq_len=64; lower --prompt-len or --gammas$"):
+        new_token_budget(None, 60, 22, 64, default=64, lower=["--prompt-len", "--gammas"])

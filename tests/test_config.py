@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from nextlat.cli import main
-from nextlat.config import Config, ConfigError, recipe_names, set_dotted
+from nextlat.config import Config, ConfigError, commented_yaml, field_docs, recipe_names, set_dotted
 from nextlat.registry import build_task, config_from_dict, load_config, objective_class, objective_settings
 from nextlat.tasks.pathstar import PathStarConfig
 from nextlat.training.build import build
@@ -90,6 +90,8 @@ def _write(tmp_path, text: str, name: str = "bad.yaml"):
         ("objective: {name: nope}\n", r"objective\.name: unknown objective 'nope' \(known: bst, jtp"),
         ("task: {name: nope}\n", r"task\.name: unknown task 'nope'"),
         ("model: {d_model: 32, n_head: 3}\n", r"model\.n_head=3: must divide model\.d_model=32"),
+        ("model: {d_model: 0}\n", r"model\.d_model=0: must be >= 1"),
+        ("train: {threads: -4}\n", r"train\.threads=-4: must be >= 0"),
         ("train: {batch_size: 10, grad_accum: 3}\n", r"train\.grad_accum=3"),
         ("train: {schedule: linear}\n", r"train\.schedule='linear'"),
         ("objective: {name: next_latent, horizon: 0}\n", r"objective\.horizon=0"),
@@ -220,3 +222,19 @@ def test_saved_0_1_0_configs_load(tmp_path):
     before = json.loads((Path(__file__).parent / "data" / "recipes-resolved-0.1.0.json").read_text())
     for name in ("pathstar-demo", "pathstar-cpu-next-token", "countdown-cpu-bst", "a5-cpu-next-latent"):
         assert config_from_dict(upgrade_config(before[name])) == load_config(name)
+
+
+@pytest.mark.parametrize("name", recipe_names())
+def test_commented_yaml_documents_every_key_and_loads_back(name):
+    cfg = load_config(name)
+    text = commented_yaml(cfg)
+    assert config_from_dict(yaml.safe_load(text)) == cfg
+    lines = text.splitlines()
+    assert all(lines[i - 1].lstrip().startswith("# ") for i, line in enumerate(lines)
+               if line.strip() and not line.lstrip().startswith("#"))
+
+
+def test_field_docs_come_from_the_source_and_its_bases():
+    docs = field_docs(type(load_config("pathstar-demo").task))
+    assert docs["degree"] == "Number of arms leaving the source (deg)."
+    assert docs["name"] == "Task name (see nextlat.registry)."  # documented only on TaskConfig

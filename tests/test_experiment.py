@@ -81,6 +81,7 @@ def test_run_experiment_tabulates_every_seed_and_skips_finished_runs(tiny_experi
     assert gpt["train"]["seed"] == nl["train"]["seed"] == 1
     table = (out / "results.md").read_text()
     assert "| GPT | 2 |" in table and "paper G(2,10)" in table and "49.4" in table
+    assert table.endswith("\nSteps trained, from the runs: 2 (every run).\n")
     assert json.loads((out / "results.json").read_text())["rows"][1]["label"] == "NextLat d=2"
     assert (out / "tiny.png").stat().st_size > 0
 

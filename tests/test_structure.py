@@ -101,6 +101,17 @@ def test_config_imports_no_component_and_no_torch():
     assert out.strip() == "['nextlat.config']"
 
 
+def test_the_package_names_load_on_first_use():
+    """``import nextlat`` imports no torch; the names of the README's Python example load when first used."""
+    code = ("import sys, nextlat; before = 'torch' in sys.modules; names = [getattr(nextlat, n) for n in nextlat.__all__]; "
+            "print(before, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "True"]
+    assert set(nextlat.__all__) <= set(dir(nextlat))
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        nextlat.nope  # noqa: B018
+
+
 @pytest.mark.parametrize("table, kind", [(registry.OBJECTIVES, "objective"), (registry.TASKS, "task"),
                                          (registry.DRAFTERS, "drafter"), (registry.EXPERIMENTS, "experiment")])
 def test_every_registered_name_resolves(table, kind):

@@ -29,6 +29,7 @@ from nextlat.tasks.text import (
     write_stream,
 )
 from nextlat.training.build import build
+from nextlat.training.checkpoint import read_run_config
 from nextlat.training.loop import Trainer
 
 SEP = "\n---\n"
@@ -279,13 +280,15 @@ def test_prompts_are_starts_of_validation_documents(tmp_path, corpus_file):
 # ----------------------------------------------------------------------------- training and checkpoints
 
 
-def test_trained_checkpoint_generates_without_the_cache_and_eval_names_missing_files(tmp_path, corpus_file, capsys):
+def test_trained_checkpoint_generates_without_the_cache_and_eval_names_missing_files(tmp_path, corpus_file, capsys,
+                                                                                    monkeypatch):
     path, _ = corpus_file
+    monkeypatch.chdir(path.parent)  # task.files relative to the folder the run starts from
     cfg = config_from_dict({
         "run_name": "tiny-text",
         "model": {"n_layer": 2, "n_head": 2, "d_model": 32, "max_seq_len": 64},
         "objective": {"name": "next_latent", "horizon": 1},
-        "task": {"name": "text", "files": [str(path)], "doc_separator": SEP, "vocab_size": 300, "seq_len": 32,
+        "task": {"name": "text", "files": [path.name], "doc_separator": SEP, "vocab_size": 300, "seq_len": 32,
                  "val_fraction": 0.2, "cache_dir": str(tmp_path / "cache"), "eval_tokens": 128},
         "train": {"steps": 3, "batch_size": 4, "lr": 1e-3, "log_every": 1, "progress": False, "device": "cpu",
                   "precision": "fp32"},
@@ -293,6 +296,9 @@ def test_trained_checkpoint_generates_without_the_cache_and_eval_names_missing_f
     run = tmp_path / "run"
     results = Trainer(cfg, out_dir=run).fit()
     capsys.readouterr()
+    saved = read_run_config(run / "config.yaml")
+    assert [Path(f).resolve() for f in saved.task.files] == [path.resolve()]  # saved absolute
+    monkeypatch.chdir(tmp_path)  # so eval, resume and generate work from any folder
     assert math.isfinite(results["eval"]["val_loss"])
     ckpt = run / "checkpoints" / "step_0000003"
     assert (ckpt / "tokenizer.json").is_file() and json.loads((ckpt / "meta.json").read_text())["artifacts"] == [
@@ -308,7 +314,7 @@ def test_trained_checkpoint_generates_without_the_cache_and_eval_names_missing_f
     assert [p.name for p in cache.iterdir()] == [trained.name]
 
     # a resumed run keeps the checkpoint's tokenizer and the same data
-    resumed = Trainer(config_from_dict({**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "steps": 4}}),
+    resumed = Trainer(config_from_dict({**saved.to_dict(), "train": {**saved.to_dict()["train"], "steps": 4}}),
                       out_dir=run, resume=True)
     assert resumed.start_step == 3 and resumed.task.corpus().path == trained
     resumed.fit()

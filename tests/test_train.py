@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -118,10 +121,15 @@ def test_refuses_existing_run_without_resume(run_config, tmp_path):
     cfg = run_config(**{"train.steps": 1})
     Trainer(cfg, out_dir=tmp_path).fit()
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    with pytest.raises(ConfigError, match="already holds a run"):
+    with pytest.raises(ConfigError, match="already holds a finished run .*; to train again, pass --out another folder "
+                                          "or remove this one"):
         Trainer(cfg, out_dir=tmp_path)
-    after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    assert before == after
+    (tmp_path / "results.json").unlink()
+    with pytest.raises(ConfigError, match=r"already holds an unfinished run \(newest checkpoint: step_0000001\); pass "
+                                          "--resume to continue it"):
+        Trainer(cfg, out_dir=tmp_path)
+    after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != "results.json"}
+    assert {p: b for p, b in before.items() if p.name != "results.json"} == after
 
 
 def test_grad_accum_gives_the_same_step(run_config, tmp_path):
@@ -240,9 +248,63 @@ def test_init_from_errors_name_the_bad_value(run_config, tmp_path):
 def test_two_trainers_never_share_a_run_folder(run_config, tmp_path):
     cfg = run_config(**{"train.steps": 2, "train.ckpt_every": 1})
     first = Trainer(cfg, out_dir=tmp_path)
-    with pytest.raises(ConfigError, match="being trained by another process"):
-        Trainer(cfg, out_dir=tmp_path, resume=True)
+    for resume in (True, False):  # the holder is named; --resume is not suggested while the folder is held
+        with pytest.raises(ConfigError, match="being trained by another process") as refused:
+            Trainer(cfg, out_dir=tmp_path, resume=resume)
+        assert "--resume" not in str(refused.value)
     first.fit()  # unharmed by the refused second trainer; fit releases the folder when it ends
     again = Trainer(cfg, out_dir=tmp_path, resume=True)
     assert again.start_step == 2
     again.close()
+
+
+def test_a_nan_loss_names_the_step_and_what_to_try(run_config, tmp_path):
+    cfg = run_config(**{"train.lr": 1e9, "train.grad_clip": 0.0, "train.log_every": 100})
+    with pytest.raises(FloatingPointError, match=r"loss became nan at step \d; try: lower train\.lr \(now 1e\+09\), "
+                                                 r"set train\.grad_clip \(e\.g\. 1\.0\)"):
+        Trainer(cfg, out_dir=tmp_path / "run").fit()
+    assert not (tmp_path / "run").exists()  # it failed before writing anything: the folder it made is gone
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_run_clears_checkpoint_writes_of_stopped_processes(run_config, tmp_path):
+    cfg = run_config(**{"train.steps": 2, "train.ckpt_every": 1})
+    Trainer(cfg, out_dir=tmp_path).fit()
+    ckpts = tmp_path / "checkpoints"
+    dead, live = _dead_pid(), subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        torn = ckpts / f".step_0000003.tmp-{dead}"
+        torn.mkdir()
+        (torn / "model.safetensors").write_bytes(b"half")
+        writing = ckpts / f".step_0000003.tmp-{live.pid}"
+        writing.mkdir()
+        moved = ckpts / f".step_0000001.old-{dead}"  # killed between moving the old folder aside and the rename
+        (ckpts / "step_0000001").rename(moved)
+        Trainer(cfg, out_dir=tmp_path, resume=True).fit()
+        assert not torn.exists() and writing.is_dir() and not moved.exists()
+        assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000001", "step_0000002"]
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_resume_drops_a_torn_last_metrics_line_and_names_a_bad_one(run_config, tmp_path, capsys):
+    cfg = run_config(**{"train.steps": 2})
+    Trainer(cfg, out_dir=tmp_path).fit()
+    log = tmp_path / "metrics.jsonl"
+    good = log.read_text()
+    log.write_text(good + '{"step": 3, "kind": "train", "lo')  # a crash mid-append
+    Trainer(run_config(**{"train.steps": 3}), out_dir=tmp_path, resume=True).fit()
+    assert "dropped its torn last line" in capsys.readouterr().err
+    assert [r["step"] for r in _records(tmp_path)][-1] == 3
+
+    shutil.rmtree(tmp_path / "checkpoints")  # elsewhere a bad line is named, not skipped
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
+    with pytest.raises(CheckpointError, match=r"metrics\.jsonl, line 2: not a metrics record \('garbage'\)"):
+        Trainer(cfg, out_dir=tmp_path, resume=True)

@@ -4,18 +4,71 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
+
+from nextlat import __version__
 
 DEFAULT_RECIPE = "pathstar-demo"
 
 
+def _count(low: int):
+    """An argparse type: a whole number >= ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value}: must be >= {low}")
+        return value
+
+    return parse
+
+
+def _real(low: float, high: float = math.inf, *, low_open: bool = False, high_open: bool = False):
+    """An argparse type: a finite number between ``low`` and ``high`` (each end included unless open)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (math.isfinite(value) and (low < value if low_open else low <= value)
+                and (value < high if high_open else value <= high)):
+            where = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open or high == math.inf else ']'}"
+            raise argparse.ArgumentTypeError(f"{text}: must be a finite number in {where}")
+        return value
+
+    return parse
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from nextlat.registry import load_config
+    from nextlat.training.checkpoint import list_checkpoints
     from nextlat.training.loop import Trainer
 
     cfg = load_config(args.recipe or DEFAULT_RECIPE, args.set)
-    results = Trainer(cfg, resume=args.resume, out_dir=args.out).fit()
+    trainer = Trainer(cfg, resume=args.resume, out_dir=args.out)
+    results = trainer.fit()
     print(json.dumps(results["eval"], indent=2))
+    newest = list_checkpoints(trainer.out)[-1]
+    print(f"\n{cfg.run_name} after {results['step']} steps: {trainer.task.summary(results['eval'])}\n"
+          f"run folder {trainer.out}: results.json, metrics.jsonl, checkpoints/ (newest {newest.name})")
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from nextlat.config import commented_yaml
+    from nextlat.registry import load_config
+
+    recipe = args.recipe or DEFAULT_RECIPE
+    cfg = load_config(recipe, args.set)
+    print(f"# {recipe}{''.join(f' --set {o}' for o in args.set)}, resolved by nextlat {__version__}.\n"
+          "# Change any key with --set SECTION.KEY=VALUE (e.g. --set train.lr=1e-3), or save this as a recipe.\n")
+    print(commented_yaml(cfg), end="")
     return 0
 
 
@@ -33,6 +86,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
+    from nextlat.decoding.budget import draft_room, new_token_budget
     from nextlat.decoding.engine import decode, speculative_decode
     from nextlat.decoding.sampling import Sampling
     from nextlat.registry import build_drafter
@@ -45,20 +99,24 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     ids = tok.encode(args.prompt)
     if not ids:
         raise ValueError("--prompt encodes to no tokens")
+    speculative = args.speculative or args.drafter is not None
+    room = draft_room(args.gamma) if speculative else 0
+    max_new = new_token_budget(args.max_new_tokens, len(ids), room, model.cfg.max_seq_len, default=32,
+                               lower=["--prompt", *(["--gamma"] if speculative else [])])
     prompt = torch.tensor(ids, device=device)
     g = torch.Generator(device=device).manual_seed(args.seed)
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     # An objective with its own text head (BST) decodes through it; the others through the LM head.
     head = objective.decoding_head(model) if hasattr(objective, "decoding_head") else None
-    if args.speculative or args.drafter is not None:
+    if speculative:
         drafter = build_drafter(args.drafter, model, objective)
-        res = speculative_decode(model, drafter, [prompt], args.max_new_tokens, gamma=args.gamma,
+        res = speculative_decode(model, drafter, [prompt], max_new, gamma=args.gamma,
                                  adaptive=args.adaptive, sampling=sampling, generator=g, stop_id=tok.eos_id, head=head)
         st = res.stats
         print(f"[speculative] {st.new_tokens} tokens in {st.forward_passes + 1} target passes, "
               f"accepted/round {st.accepted_per_round:.2f}, tokens/pass {st.tokens_per_pass:.2f}", file=sys.stderr)
     else:
-        res = decode(model, [prompt], args.max_new_tokens, sampling=sampling, generator=g, stop_id=tok.eos_id,
+        res = decode(model, [prompt], max_new, sampling=sampling, generator=g, stop_id=tok.eos_id,
                      head=head)
     print(tok.decode(res.tokens[0]))
     return 0
@@ -89,8 +147,6 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
 
     from nextlat.experiments.runner import default_folder, report, run_experiment
 
-    if args.seeds < 1:
-        raise ValueError(f"--seeds {args.seeds}: must be >= 1")
     seeds = list(range(args.seeds))
     out = Path(args.out or default_folder(args.name, args.scale, args.graph))
     overrides = list(args.set)
@@ -143,19 +199,22 @@ def _drafter_names() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nextlat", description="Next-Latent Prediction transformers")
+    p.add_argument("--version", action="version", version=f"nextlat {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train from a recipe (default: a small Path-Star run)")
+    t = sub.add_parser("train", help="train from a recipe (default: a small Path-Star run)",
+                       epilog="`nextlat recipes` lists the recipes; `nextlat config RECIPE` prints every config key "
+                              "of one with its value and meaning.")
     t.add_argument("recipe", nargs="?", help=f"shipped recipe name or YAML path (default {DEFAULT_RECIPE})")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.lr=1e-3 (repeatable)")
+                   help="override a config key, e.g. --set train.lr=1e-3 (repeatable; `nextlat config` lists the keys)")
     t.add_argument("--out", help="run folder (default runs/<run_name>)")
     t.add_argument("--resume", action="store_true", help="continue the run in the output folder from its newest checkpoint")
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on its task")
     e.add_argument("checkpoint", help="checkpoint folder or run folder (newest checkpoint)")
-    e.add_argument("--examples", type=int, default=None, help="evaluate on at most this many test examples")
+    e.add_argument("--examples", type=_count(1), default=None, help="evaluate on at most this many test examples")
     e.add_argument("--seed", type=int, default=0, help="seed for sampled evaluation")
     e.add_argument("--device", default="auto")
     e.add_argument("--set", action="append", default=[], metavar="task.KEY=VALUE",
@@ -165,16 +224,17 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="continue a prompt with a checkpoint")
     g.add_argument("checkpoint", help="checkpoint folder or run folder (newest checkpoint)")
     g.add_argument("--prompt", required=True, help="prompt text in the task's tokenizer")
-    g.add_argument("--max-new-tokens", type=int, default=32)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--max-new-tokens", type=_count(1), default=None,
+                   help="at most this many new tokens (default 32, or fewer to fit the model's max_seq_len)")
+    g.add_argument("--temperature", type=_real(0), default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=_count(0), default=0)
+    g.add_argument("--top-p", type=_real(0, 1, low_open=True), default=1.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--speculative", action="store_true", help="self-speculative decoding with the objective's drafter")
     g.add_argument("--drafter", metavar="NAME", help=f"speculative decoding with this drafter ({_drafter_names()}); "
                    "default with --speculative: the objective's own")
-    g.add_argument("--gamma", type=int, default=4, help="draft length (the cap when --adaptive is set)")
-    g.add_argument("--adaptive", type=float, default=None, metavar="THRESHOLD",
+    g.add_argument("--gamma", type=_count(1), default=4, help="draft length (the cap when --adaptive is set)")
+    g.add_argument("--adaptive", type=_real(0, 1, high_open=True), default=None, metavar="THRESHOLD",
                    help="stop drafting when the drafter's top probability falls below THRESHOLD")
     g.add_argument("--device", default="auto")
     g.set_defaults(func=_cmd_generate)
@@ -183,26 +243,27 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("recipe", nargs="?", default="bench-train", help="recipe fixing model size and batch")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     b.add_argument("--objectives", nargs="+", default=["next_token", "next_latent", "mtp", "jtp", "bst"])
-    b.add_argument("--horizons", nargs="+", type=int, default=[1, 2, 8])
-    b.add_argument("--repeats", type=int, default=5, help="measurement rounds (objectives interleaved each round)")
-    b.add_argument("--steps", type=int, default=5, help="timed steps per objective per round")
-    b.add_argument("--warmup", type=int, default=2, help="untimed steps per objective before measuring")
+    b.add_argument("--horizons", nargs="+", type=_count(1), default=[1, 2, 8])
+    b.add_argument("--repeats", type=_count(1), default=5, help="measurement rounds (objectives interleaved each round)")
+    b.add_argument("--steps", type=_count(1), default=5, help="timed steps per objective per round")
+    b.add_argument("--warmup", type=_count(0), default=2, help="untimed steps per objective before measuring")
     b.add_argument("--json", help="also write the results to this JSON file")
     b.set_defaults(func=_cmd_bench_train)
 
     d = sub.add_parser("bench-decode", help="speculative vs ordinary decoding of a checkpoint, side by side")
     d.add_argument("checkpoint", help="checkpoint folder or run folder (newest checkpoint)")
-    d.add_argument("--prompts", type=int, default=8, help="number of held-out prompts from the task")
-    d.add_argument("--prompt-len", type=int, default=64, help="prompt length in tokens (where the task allows)")
-    d.add_argument("--max-new-tokens", type=int, default=64)
-    d.add_argument("--gammas", nargs="+", type=int, default=[2, 3, 4, 5, 6, 8, 10], help="static draft lengths")
-    d.add_argument("--adaptive", nargs="*", type=float, default=[0.5],
+    d.add_argument("--prompts", type=_count(1), default=8, help="number of held-out prompts from the task")
+    d.add_argument("--prompt-len", type=_count(1), default=64, help="prompt length in tokens (where the task allows)")
+    d.add_argument("--max-new-tokens", type=_count(1), default=None,
+                   help="new tokens per prompt (default 64, or fewer to fit the model's max_seq_len)")
+    d.add_argument("--gammas", nargs="+", type=_count(1), default=[2, 3, 4, 5, 6, 8, 10], help="static draft lengths")
+    d.add_argument("--adaptive", nargs="*", type=_real(0, 1, high_open=True), default=[0.5],
                    help="adaptive drafting thresholds on the drafter's top probability")
-    d.add_argument("--max-gamma", type=int, default=10, help="draft cap for adaptive drafting")
+    d.add_argument("--max-gamma", type=_count(1), default=10, help="draft cap for adaptive drafting")
     d.add_argument("--drafter", metavar="NAME", help=f"drafter ({_drafter_names()}; default: the objective's own)")
-    d.add_argument("--batch-size", type=int, default=1)
-    d.add_argument("--repeats", type=int, default=3)
-    d.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (outputs checked against the baseline)")
+    d.add_argument("--batch-size", type=_count(1), default=1)
+    d.add_argument("--repeats", type=_count(1), default=3)
+    d.add_argument("--temperature", type=_real(0), default=0.0, help="0 = greedy (outputs checked against the baseline)")
     d.add_argument("--no-paper", action="store_true", help="skip the paper's no-cache protocol")
     d.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens (do not stop at EOS)")
     d.add_argument("--device", default="auto")
@@ -213,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("recipe")
     s.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    s.add_argument("--jobs", type=int, default=1, help="seeds trained at once (CPU threads are split among them)")
+    s.add_argument("--jobs", type=_count(1), default=1, help="seeds trained at once (CPU threads are split among them)")
     s.add_argument("--out", help="sweep folder (default runs/<run_name>-sweep)")
     s.set_defaults(func=_cmd_sweep)
 
@@ -221,8 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("name", help="pathstar, countdown, a5 or manhattan")
     x.add_argument("--scale", default="cpu", choices=["cpu", "gpu", "paper"],
                    help="recipe scale: cpu (minutes on a CPU), gpu (minutes on one GPU; a5 and manhattan), paper (GPU days)")
-    x.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1) per objective")
-    x.add_argument("--jobs", type=int, default=1, help="runs trained at once (CPU threads are split among them)")
+    x.add_argument("--seeds", type=_count(1), default=3, help="number of seeds (0..N-1) per objective")
+    x.add_argument("--jobs", type=_count(1), default=1, help="runs trained at once (CPU threads are split among them)")
     x.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override applied to every run")
     x.add_argument("--out", help="experiment folder (default runs/experiments/<name>-<scale>, "
                                  "then -<graph file name> with --graph)")
@@ -235,6 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("recipes", help="list the shipped recipes")
     r.set_defaults(func=_cmd_recipes)
+
+    c = sub.add_parser("config", help="print a recipe's resolved config, every key with its meaning")
+    c.add_argument("recipe", nargs="?", help=f"shipped recipe name or YAML path (default {DEFAULT_RECIPE})")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key first (repeatable)")
+    c.set_defaults(func=_cmd_config)
     return p
 
 
@@ -243,10 +309,21 @@ def main(argv: list[str] | None = None) -> int:
     from nextlat.registry import UnknownName
     from nextlat.training.checkpoint import CheckpointError
 
-    args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
-    except (ConfigError, CheckpointError, UnknownName, ValueError, FileNotFoundError) as e:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a bad argument (argparse has printed why)
+        return e.code
+    try:
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return code
+    except BrokenPipeError:  # the reader left (e.g. `| head`): stop quietly
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout is no file (e.g. captured)
+            pass
+        return 141  # 128 + SIGPIPE, as for other commands cut off by a pipe
+    except (ConfigError, CheckpointError, UnknownName, ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f"nextlat {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

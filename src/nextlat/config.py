@@ -11,8 +11,12 @@ its own tables to the functions here (``registry.load_config``).
 
 from __future__ import annotations
 
+import ast
 import copy
 import dataclasses
+import inspect
+import json
+import textwrap
 import types
 import typing
 from collections.abc import Callable
@@ -127,6 +131,11 @@ class TaskConfig:
     name: str = "pathstar"
     """Task name (see nextlat.registry)."""
 
+    def with_absolute_paths(self) -> TaskConfig:
+        """These settings with the file paths that start from the current folder made absolute, as a run saves
+        them (so that the run can be evaluated from any folder); tasks that read no files return them as they are."""
+        return self
+
 
 SectionResolver = Callable[[str, Any, str], type]
 """(section, name, key) -> the dataclass of that section ("objective" or "task") for that name; raises
@@ -161,6 +170,49 @@ class Config:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The attribute docstrings of a dataclass's fields (the string after each field in its source), those of
+    its base classes included where the class does not document a field again."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        except (OSError, TypeError):  # no source (e.g. defined in an interactive session)
+            continue
+        for node, after in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                    and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+                docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def commented_yaml(cfg: Config, width: int = 100) -> str:
+    """``cfg`` as YAML (it loads back as a recipe), each key preceded by its docstring as a comment."""
+    lines: list[str] = []
+
+    def emit(obj: Any, indent: str) -> None:
+        docs = field_docs(type(obj))
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if not indent and lines:
+                lines.append("")
+            lines.extend(f"{indent}# {line}" for line in textwrap.wrap(docs.get(f.name, ""), width - len(indent) - 2))
+            if dataclasses.is_dataclass(value):
+                lines.append(f"{indent}{f.name}:")
+                emit(value, indent + "  ")
+            elif isinstance(value, str) and not value.isprintable():  # e.g. "\n\n": a JSON string is YAML too
+                lines.append(f"{indent}{f.name}: {json.dumps(value)}")
+            elif isinstance(value, list):
+                lines.append(f"{indent}{f.name}: {yaml.safe_dump(value, default_flow_style=True, width=1000).strip()}")
+            else:
+                lines.extend(indent + line for line in yaml.safe_dump({f.name: value}, width=1000).splitlines())
+
+    emit(cfg, "")
+    return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -248,7 +300,8 @@ def validate_config(cfg: Config) -> None:
     m, t = cfg.model, cfg.train
     checks = [
         (m.n_layer >= 1, "model.n_layer", m.n_layer, "must be >= 1"),
-        (m.d_model >= 1 and m.n_head >= 1 and m.d_model % m.n_head == 0, "model.n_head", m.n_head,
+        (m.d_model >= 1, "model.d_model", m.d_model, "must be >= 1"),
+        (m.n_head >= 1 and m.d_model % m.n_head == 0, "model.n_head", m.n_head,
          f"must divide model.d_model={m.d_model}"),
         ((m.d_model // max(m.n_head, 1)) % 2 == 0, "model.d_model", m.d_model, "head dim must be even for RoPE"),
         (m.vocab_size >= 0, "model.vocab_size", m.vocab_size, "must be >= 0"),
@@ -265,6 +318,7 @@ def validate_config(cfg: Config) -> None:
          "must be auto, cpu or cuda[:N]"),
         (t.precision in ("auto", "fp32", "bf16"), "train.precision", t.precision, "must be auto, fp32 or bf16"),
         (t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "must be >= 0"),
+        (t.threads >= 0, "train.threads", t.threads, "must be >= 0 (0 keeps torch's default)"),
         (t.log_every >= 1, "train.log_every", t.log_every, "must be >= 1"),
         (t.eval_every >= 0 and t.ckpt_every >= 0, "train.eval_every/ckpt_every", (t.eval_every, t.ckpt_every),
          "must be >= 0"),

@@ -20,7 +20,7 @@ def _time(fn, device: torch.device, *args, **kwargs):
     return time.perf_counter() - t0, result
 
 
-def bench_decode(checkpoint: str, *, n_prompts: int = 8, prompt_len: int = 64, max_new_tokens: int = 64,
+def bench_decode(checkpoint: str, *, n_prompts: int = 8, prompt_len: int = 64, max_new_tokens: int | None = None,
                  gammas: list[int] = (2, 3, 4, 5, 6, 8, 10), adaptive: list[float] = (0.5,), max_gamma: int = 10,
                  batch_size: int = 1, repeats: int = 3, paper_protocol: bool = True, temperature: float = 0.0,
                  stop_at_eos: bool = True, device: str = "auto", drafter: str | None = None,
@@ -31,8 +31,10 @@ def bench_decode(checkpoint: str, *, n_prompts: int = 8, prompt_len: int = 64, m
     the baseline and every drafting setting decode the same prompts in interleaved order; the
     speedup of a setting is the median over repeats of baseline time / its time in the same
     repeat. Greedy outputs are checked token for token against the baseline. ``drafter`` names a
-    registered drafter (default: the objective's own).
+    registered drafter (default: the objective's own). ``max_new_tokens`` None: 64, or fewer where the
+    model's context holds no more beside the prompts and the longest draft.
     """
+    from nextlat.decoding.budget import draft_room, new_token_budget
     from nextlat.decoding.engine import decode, speculative_decode
     from nextlat.decoding.sampling import Sampling
     from nextlat.registry import build_drafter
@@ -44,6 +46,9 @@ def bench_decode(checkpoint: str, *, n_prompts: int = 8, prompt_len: int = 64, m
     drafter_name = drafter
     drafter = build_drafter(drafter_name, model, objective)
     prompts = comps.task.prompts(n_prompts, prompt_len, seed=0)
+    room = draft_room(max([*gammas, *([max_gamma] if adaptive else [])], default=0))
+    max_new_tokens = new_token_budget(max_new_tokens, max(len(p) for p in prompts), room, model.cfg.max_seq_len,
+                                      default=64, lower=["--prompt-len (where the task allows)", "--gammas", "--max-gamma"])
     eos = comps.task.tokenizer.eos_id if stop_at_eos else None
     sampling = Sampling(temperature=temperature)
     settings = [("baseline", None, None)] + [(f"gamma={g}", g, None) for g in gammas] + \

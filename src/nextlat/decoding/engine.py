@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from nextlat.decoding.budget import draft_room
 from nextlat.decoding.drafters import Drafter
 from nextlat.decoding.reference import Head
 from nextlat.decoding.sampling import GREEDY, Sampling
@@ -355,7 +356,7 @@ def speculative_decode(model: Transformer, drafter: Drafter, prompts: Tensor | l
     t0 = clock.mark()
     # Room for a round's drafts past the last emitted token, twice: a row that finishes mid-round keeps
     # its accepted drafts and is still run (its output ignored) through later rounds.
-    budget = _check_budget(model, rows, max_new_tokens, 2 * (gamma + 1))
+    budget = _check_budget(model, rows, max_new_tokens, draft_room(gamma))
     target = prefill(model, rows, budget, use_cache=use_cache, drafter=drafter)
     h_last, last_index = target.h_last, torch.zeros(B, dtype=torch.long, device=device)
     pending = sampling.choose(head(h_last), generator)  # (B,), exact: from the target itself

@@ -17,7 +17,7 @@ from typing import Any
 
 from nextlat.config import ConfigError
 from nextlat.experiments.base import Arm, Experiment
-from nextlat.experiments.sweep import Job, is_finished, run_jobs, seed_results, stats_of
+from nextlat.experiments.sweep import Job, finished_runs, is_finished, run_jobs, seed_results, stats_of
 from nextlat.registry import EXPERIMENTS, UnknownName, load_config, lookup
 from nextlat.training.checkpoint import atomic_write_text
 
@@ -107,8 +107,10 @@ def report(name: str, scale: str, seeds: list[int], out: Path) -> dict[str, Any]
     rows = []
     for arm in arms:
         per_seed = seed_results(out / arm.slug, seeds)
+        steps = sorted({json.loads((run / "results.json").read_text())["step"]
+                        for run in finished_runs(out / arm.slug, seeds)})
         row = {"label": arm.label, "recipe": arm.recipe, "overrides": list(arm.overrides),
-               "seeds": sorted(per_seed), "metrics": {}, "paper": exp.paper.get(arm.label, {})}
+               "seeds": sorted(per_seed), "steps": steps, "metrics": {}, "paper": exp.paper.get(arm.label, {})}
         for m in exp.metrics:
             vals = [per_seed[s][m.key] for s in sorted(per_seed) if m.key in per_seed[s]]
             if vals:
@@ -143,6 +145,11 @@ def report(name: str, scale: str, seeds: list[int], out: Path) -> dict[str, Any]
         lines.append("| " + " | ".join(cells) + " |")
     if exp.paper_note:
         lines += ["", exp.paper_note]
+    trained = {r["label"]: ", ".join(map(str, r["steps"])) for r in rows if r["steps"]}
+    if len(set(trained.values())) == 1:
+        lines += ["", f"Steps trained, from the runs: {next(iter(trained.values()))} (every run)."]
+    elif trained:
+        lines += ["", "Steps trained, from the runs: " + "; ".join(f"{k} {v}" for k, v in trained.items()) + "."]
     atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
     atomic_write_text(out / "results.json", json.dumps(result, indent=2) + "\n")
     print("\n".join(lines))

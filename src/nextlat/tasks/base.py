@@ -65,6 +65,10 @@ class Task:
                  max_examples: int | None = None) -> dict[str, float]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def summary(self, metrics: dict[str, float]) -> str:
+        """One line a person reads first about a final evaluation; by default every metric as key=value."""
+        return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+
     def prompts(self, n: int, length: int | None = None, seed: int = 0) -> list[Tensor]:
         """``n`` held-out prompts (1-D token-id tensors) for decoding benchmarks."""
         raise NotImplementedError(f"task {self.cfg.name!r} provides no decoding prompts")

@@ -183,6 +183,13 @@ class PathStarTask(Task):
         data = self.test_data()
         return list(data.seqs[:n, : data.prompt_len])
 
+    def summary(self, metrics: dict[str, float]) -> str:
+        if "acc_greedy" not in metrics:
+            return super().summary(metrics)
+        c = self.cfg
+        return (f"exact-path accuracy {metrics['acc_greedy']:.1%} greedy, {metrics['acc_sampled']:.1%} sampled "
+                f"(next-token training stalls near 1/deg = {1 / c.degree:.0%} on G({c.degree},{c.path_len}))")
+
     @torch.no_grad()
     def evaluate(self, model, objective=None, *, device="cpu", seed: int = 0,
                  max_examples: int | None = None) -> dict[str, float]:

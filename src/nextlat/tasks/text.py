@@ -29,7 +29,7 @@ import sys
 import sysconfig
 import time
 from array import array
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -52,8 +52,9 @@ class TextConfig(TaskConfig):
     name: str = "text"
     files: list[str] = field(default_factory=lambda: [STDLIB])
     """Text files, folders (every non-hidden file below them) or glob patterns (``**`` recurses); relative
-    paths start from the current folder. The entry ``stdlib`` means the ``.py`` files directly in Python's
-    standard-library folder (not recursive, never site-packages): a real code corpus on every machine."""
+    paths start from the current folder (a run saves them absolute). The entry ``stdlib`` means the ``.py``
+    files directly in Python's standard-library folder (not recursive, never site-packages): a real code
+    corpus on every machine."""
     doc_separator: str = ""
     """String that splits a file into documents (e.g. ``"\\n\\n"``); empty: each file is one document."""
     max_bytes: int = 0
@@ -90,6 +91,13 @@ class TextConfig(TaskConfig):
             raise ConfigError(f"task.val_fraction={self.val_fraction}: must be in (0, 1)")
         if self.eval_tokens < 0:
             raise ConfigError(f"task.eval_tokens={self.eval_tokens}: must be >= 0 (0 = every validation window)")
+
+    def with_absolute_paths(self) -> TextConfig:
+        def absolute(path: str) -> str:
+            return os.path.abspath(os.path.expanduser(path)) if path else path
+
+        return replace(self, files=[f if f == STDLIB else absolute(f) for f in self.files],
+                                   tokenizer=absolute(self.tokenizer), cache_dir=absolute(self.cache_dir))
 
 
 # ----------------------------------------------------------------------------- tokenizer

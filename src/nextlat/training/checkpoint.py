@@ -275,6 +275,38 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(p for p in ckpt_dir.glob("step_*") if (p / "meta.json").is_file())
 
 
+def _alive(pid: int) -> bool:
+    if os.name != "posix":  # no safe probe: treat every writer as alive
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process
+        return True
+    return True
+
+
+def remove_stale_saves(run_dir: str | Path) -> list[Path]:
+    """Clear what checkpoint writes killed mid-save left in ``run_dir/checkpoints``: ``.step_*.tmp-<pid>`` folders
+    are removed, and a ``.step_*.old-<pid>`` folder (a complete checkpoint moved aside for its replacement)
+    is removed when the replacement is in place, else put back. Folders of a live writer are never touched.
+    Returns the folders removed or put back."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    done = []
+    for p in sorted(ckpt_dir.glob(".step_*.*-*")) if ckpt_dir.is_dir() else []:
+        stem, _, pid = p.name.rpartition("-")
+        name, _, kind = stem[1:].rpartition(".")
+        if kind not in ("tmp", "old") or not pid.isdigit() or _alive(int(pid)):
+            continue
+        if kind == "old" and not (ckpt_dir / name).exists():
+            p.rename(ckpt_dir / name)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+        done.append(p)
+    return done
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """Accept a checkpoint folder or a run folder (then its newest checkpoint)."""
     path = Path(path)

@@ -24,7 +24,7 @@ from nextlat.config import Config, ConfigError, TrainConfig
 from nextlat.data import Batch, StatelessSampler
 from nextlat.model import Transformer
 from nextlat.objectives.base import Objective, mean_parts
-from nextlat.training.build import Components, autocast_context, build, resolve_device
+from nextlat.training.build import Components, autocast_context, build, resolve_device, uses_bf16
 from nextlat.training.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -34,23 +34,75 @@ from nextlat.training.checkpoint import (
     load_weights,
     objective_fits,
     read_checkpoint,
+    remove_stale_saves,
     resolve_checkpoint,
     save_checkpoint,
 )
 from nextlat.training.optim import build_optimizer, lr_at, named_parameters
-from nextlat.training.runs import MetricsLog, check_compatible, lock_run_folder
+from nextlat.training.runs import MetricsLog, check_compatible, holds_run, lock_run_folder
 
 
 class Trainer:
     def __init__(self, cfg: Config, *, resume: bool = False, out_dir: str | Path | None = None):
+        cfg = dataclasses.replace(cfg, task=cfg.task.with_absolute_paths())  # the saved run works from any folder
         t = cfg.train
         if t.threads > 0:
             torch.set_num_threads(t.threads)
         self.device = resolve_device(t.device)
         self.out = Path(out_dir) if out_dir is not None else cfg.output_dir
         self.start_step = 0
-        resume_from = self._check_out_dir(cfg, resume)
-        self._lock = lock_run_folder(self.out)
+        self._lock = None
+        self._created = self._make_folder()
+        try:
+            self._lock = lock_run_folder(self.out)
+            resume_from = self._check_out_dir(cfg, resume)
+            self._setup(cfg, resume, resume_from)
+        except BaseException:
+            self._abandon()
+            raise
+
+    def _make_folder(self) -> bool:
+        """Create the run folder; whether it was created."""
+        if self.out.is_dir():
+            return False
+        blocker = next((p for p in (self.out, *self.out.parents) if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            raise ConfigError(f"run folder {str(self.out)!r}: {str(blocker)!r} is a file, not a folder; "
+                              "pass --out another path")
+        try:
+            self.out.mkdir(parents=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create the run folder {str(self.out)!r}: {e.strerror}") from None
+        return True
+
+    def _check_out_dir(self, cfg: Config, resume: bool) -> Path | None:
+        existing = list_checkpoints(self.out)
+        if not resume:
+            if (self.out / "results.json").is_file():
+                raise ConfigError(f"run folder {str(self.out)!r} already holds a finished run (results: "
+                                  f"{self.out / 'results.json'}); to train again, pass --out another folder or "
+                                  "remove this one")
+            if holds_run(self.out):
+                state = f"newest checkpoint: {existing[-1].name}" if existing else "no checkpoint yet"
+                raise ConfigError(f"run folder {str(self.out)!r} already holds an unfinished run ({state}); pass "
+                                  "--resume to continue it, or --out another folder (or remove this one) to start "
+                                  "afresh (nothing was overwritten)")
+            return None
+        if not existing:
+            return None  # nothing to resume: start fresh
+        saved = read_checkpoint(existing[-1]).cfg
+        try:
+            check_compatible(saved, cfg)
+        except CheckpointError as e:
+            raise CheckpointError(f"cannot resume: {e}") from None
+        return existing[-1]
+
+    def _setup(self, cfg: Config, resume: bool, resume_from: Path | None) -> None:
+        t = cfg.train
+        stale = remove_stale_saves(self.out)
+        if stale:
+            print(f"[nextlat] cleared {len(stale)} checkpoint write(s) left by stopped runs: "
+                  f"{', '.join(p.name for p in stale)}", file=sys.stderr)
         init = read_checkpoint(resolve_checkpoint(t.init_from)) if t.init_from and resume_from is None else None
         # A resumed or initialised run keeps its checkpoint's tokenizer.
         comps = build(cfg, self.device, ckpt_dir=resume_from or (init.path if init else None))
@@ -75,23 +127,11 @@ class Trainer:
             self.log.truncate_after(self.start_step)
         (self.out / "config.yaml").write_text(self.cfg.to_yaml())
 
-    def _check_out_dir(self, cfg: Config, resume: bool) -> Path | None:
-        existing = list_checkpoints(self.out)
-        if not resume:
-            if existing or (self.out / "metrics.jsonl").exists():
-                raise ConfigError(f"run folder {str(self.out)!r} already holds a run; pass --resume to continue it "
-                                  "or choose another out_dir (nothing was overwritten)")
-            self.out.mkdir(parents=True, exist_ok=True)
-            return None
-        if not existing:
-            self.out.mkdir(parents=True, exist_ok=True)
-            return None  # nothing to resume: start fresh
-        saved = read_checkpoint(existing[-1]).cfg
-        try:
-            check_compatible(saved, cfg)
-        except CheckpointError as e:
-            raise CheckpointError(f"cannot resume: {e}") from None
-        return existing[-1]
+    def _abandon(self) -> None:
+        """After a failure: remove the run folder if this trainer created it and no run went into it; release it."""
+        if self._created and not holds_run(self.out):
+            shutil.rmtree(self.out, ignore_errors=True)
+        self.close()
 
     # ------------------------------------------------------------------ steps
 
@@ -102,7 +142,15 @@ class Trainer:
         batch = self.data.get(self.sampler.indices(step)).to(self.device)
         metrics = optimizer_step(self.model, self.objective, self.optimizer, batch, self.cfg.train, self.device)
         if not math.isfinite(metrics["loss"]):
-            raise FloatingPointError(f"loss became {metrics['loss']} at step {step}; lower train.lr or check the data")
+            t = self.cfg.train
+            tips = [f"lower train.lr (now {t.lr:g})"]
+            if t.grad_clip == 0:
+                tips.append("set train.grad_clip (e.g. 1.0)")
+            if t.warmup_steps == 0:
+                tips.append("set train.warmup_steps (e.g. 100)")
+            if uses_bf16(self.device, t.precision):
+                tips.append("set train.precision=fp32 (now bf16)")
+            raise FloatingPointError(f"loss became {metrics['loss']} at step {step + 1}; try: {', '.join(tips)}")
         return {**metrics, "lr": lr}
 
     def evaluate(self) -> dict[str, float]:
@@ -128,6 +176,9 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         try:
             return self._fit()
+        except BaseException:
+            self._abandon()
+            raise
         finally:
             self.close()
 

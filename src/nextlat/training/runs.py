@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import sys
 from pathlib import Path
 from typing import IO, Any
 
@@ -13,7 +15,7 @@ except ImportError:  # Windows: no advisory file locks
     fcntl = None
 
 from nextlat.config import Config, ConfigError
-from nextlat.training.checkpoint import CheckpointError, atomic_write_text
+from nextlat.training.checkpoint import CheckpointError, atomic_write_text, list_checkpoints
 
 # Settings that may change when a run is resumed (they do not affect the trained weights).
 RESUMABLE_CHANGES = {"steps", "progress", "log_every", "eval_every", "ckpt_every", "keep_checkpoints", "threads"}
@@ -30,11 +32,32 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
     def truncate_after(self, step: int) -> None:
-        """Drop records past ``step`` (they belong to an interrupted stretch that will be re-run)."""
+        """Drop records past ``step`` (they belong to an interrupted stretch that will be re-run), and a torn last
+        line (a crash while it was appended); a bad line elsewhere raises CheckpointError naming it."""
         if not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        lines = self.path.read_text().splitlines()
+        numbered = [(i, line) for i, line in enumerate(lines, start=1) if line.strip()]
+        keep = []
+        for i, line in numbered:
+            try:
+                record = json.loads(line)
+                past = record["step"] > step
+            except (json.JSONDecodeError, TypeError, KeyError):
+                if i == numbered[-1][0]:
+                    print(f"[nextlat] {self.path}: dropped its torn last line {i} (written when a run stopped)",
+                          file=sys.stderr)
+                    continue
+                raise CheckpointError(f"{self.path}, line {i}: not a metrics record ({line[:60]!r}); "
+                                      "fix or delete that line to resume") from None
+            if not past:
+                keep.append(line)
         atomic_write_text(self.path, "".join(line + "\n" for line in keep))
+
+
+def holds_run(out: Path) -> bool:
+    """Whether a run has trained into ``out`` (it has written metrics or a checkpoint)."""
+    return (out / "metrics.jsonl").exists() or bool(list_checkpoints(out))
 
 
 def lock_run_folder(out: Path) -> IO[str] | None:
@@ -52,7 +75,7 @@ def lock_run_folder(out: Path) -> IO[str] | None:
         owner = handle.read().strip() or "unknown"
         handle.close()
         raise ConfigError(f"run folder {str(out)!r} is being trained by another process (pid {owner}); "
-                          "wait for it or choose another out_dir (nothing was touched)") from None
+                          "wait for it to finish, or pass --out another folder (nothing was touched)") from None
     handle.truncate(0)
     handle.write(str(os.getpid()))
     handle.flush()
@@ -61,8 +84,8 @@ def lock_run_folder(out: Path) -> IO[str] | None:
 
 def check_compatible(saved: Config, new: Config) -> None:
     """Raise CheckpointError if ``new`` changes anything of ``saved`` that a resumed run must keep (everything but
-    the run's name and the train settings in RESUMABLE_CHANGES)."""
-    a, b = saved.to_dict(), new.to_dict()
+    the run's name and the train settings in RESUMABLE_CHANGES). Task file paths compare as absolute paths."""
+    a, b = (dataclasses.replace(c, task=c.task.with_absolute_paths()).to_dict() for c in (saved, new))
     a.pop("run_name", None)
     b.pop("run_name", None)
     b["model"]["vocab_size"] = a["model"]["vocab_size"] if b["model"]["vocab_size"] == 0 else b["model"]["vocab_size"]
