@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import types
 import typing
 from collections.abc import Callable
@@ -372,6 +373,12 @@ def with_task_overrides(cfg: Config, overrides: list[str], resolve: SectionResol
 
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
+
+
+def cache_home() -> Path:
+    """nextlat's cache folder: ``$NEXTLAT_CACHE``, or ``~/.cache/nextlat`` when unset."""
+    env = os.environ.get("NEXTLAT_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "nextlat"
 
 
 def recipe_names() -> list[str]:

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nextlat.config import ConfigError, TaskConfig
+from nextlat.config import ConfigError, TaskConfig, cache_home
 from nextlat.data import IGNORE, Batch, doc_ids_from_eos
 from nextlat.tasks.base import Task
 
@@ -46,8 +46,9 @@ STDLIB = "stdlib"
 MIN_VOCAB = 257  # 256 byte symbols + <eos>: a byte-level BPE cannot be smaller
 DEFAULT_PROMPT_LEN = 64
 # Files of an imported Hugging Face model that its checkpoints carry along (nextlat.interop.hf writes them):
-# the tokenizer's settings (chat template, special tokens), generation defaults and the original config.json.
-HF_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "hf_config.json")
+# the tokenizer's settings and chat template, its special tokens, generation defaults and the original config.json.
+HF_FILES = ("tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json", "generation_config.json",
+            "hf_config.json")
 
 
 @dataclass
@@ -306,8 +307,7 @@ def _say(msg: str) -> None:
 def cache_root(cfg: TextConfig) -> Path:
     if cfg.cache_dir:
         return Path(cfg.cache_dir).expanduser()
-    env = os.environ.get("NEXTLAT_CACHE")
-    return (Path(env).expanduser() if env else Path.home() / ".cache" / "nextlat") / "text"
+    return cache_home() / "text"
 
 
 def cache_key(cfg: TextConfig, files: list[Path], tokenizer: BPETokenizer | None) -> dict:
