@@ -23,14 +23,17 @@ def from_hf(checkpoint: str | Path) -> bool:
 
 
 def load_transformers(checkpoint: str | Path, dtype: torch.dtype = torch.float32):
-    """The checkpoint's backbone as a ``transformers`` LlamaForCausalLM (exported to a temporary folder)."""
+    """The checkpoint's backbone as a ``transformers`` LlamaForCausalLM (exported to a temporary folder), with no
+    stop token."""
     from transformers import LlamaForCausalLM
 
     from nextlat.interop.hf import export_hf
 
     with tempfile.TemporaryDirectory() as tmp:
         export_hf(checkpoint, tmp)
-        return LlamaForCausalLM.from_pretrained(tmp, torch_dtype=dtype).eval()
+        hf = LlamaForCausalLM.from_pretrained(tmp, dtype=dtype).eval()
+    hf.generation_config.eos_token_id = None  # both sides emit every requested token (generate would fill it in)
+    return hf
 
 
 @torch.no_grad()
@@ -63,6 +66,25 @@ def greedy_comparison(model, prompt: torch.Tensor, ours: list[int], theirs: list
     if n is None:
         return {"identical": ours == theirs, "first_difference": None, "margin": None}
     return {"identical": False, "first_difference": n, "margin": margin_at(model, prompt.tolist() + ours, len(prompt) + n)}
+
+
+def agreement(checkpoint: str | Path, *, n_prompts: int = 16, prompt_len: int = 32, max_new_tokens: int = 32,
+              logit_tokens: int = 256) -> dict:
+    """Our model against ``transformers`` in float32: the largest logit difference over one held-out sequence of
+    ``logit_tokens`` tokens, and greedy continuations of ``n_prompts`` held-out prompts compared token by token."""
+    from nextlat.decoding.engine import decode
+    from nextlat.training.build import load_components
+
+    comps, _ = load_components(checkpoint, "cpu")
+    model, hf = comps.model.eval(), load_transformers(checkpoint)
+    ids = comps.task.prompts(1, logit_tokens, seed=1)[0]
+    prompts = comps.task.prompts(n_prompts, prompt_len, seed=0)
+    with torch.no_grad():
+        diff = max_logit_difference(model, hf, ids)
+        compared = [greedy_comparison(model, p, decode(model, [p], max_new_tokens).tokens[0],
+                                      _greedy_theirs(hf, p, max_new_tokens)) for p in prompts]
+    return {"logit_tokens": len(ids), "max_logit_difference": diff, "prompts": len(prompts),
+            "max_new_tokens": max_new_tokens, "identical": sum(c["identical"] for c in compared), "outputs": compared}
 
 
 def bench_vs_transformers(checkpoint: str, *, n_prompts: int = 8, prompt_len: int = 64, max_new_tokens: int = 64,

@@ -341,7 +341,7 @@ def fetch_smollm2(out: str | Path | None = None) -> Path:
     except ImportError:
         raise HFError("converting the GGUF file needs transformers and gguf: pip install 'nextlat[hf]'") from None
     gguf = ggufs[0]
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The GGUF tokenizer conversion names <|im_start|> as EOS; generation stops at the model's eos_token_id.
     tokenizer.eos_token = tokenizer.convert_ids_to_tokens(model.generation_config.eos_token_id)
