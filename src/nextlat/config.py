@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import inspect
 import json
+import os
 import textwrap
 import types
 import typing
@@ -40,19 +41,40 @@ class ModelConfig:
     n_layer: int = 4
     """Number of transformer blocks."""
     n_head: int = 4
-    """Attention heads per block; must divide d_model."""
+    """Attention (query) heads per block; must divide d_model unless head_dim is set."""
+    n_kv_head: int = 0
+    """Key/value heads (grouped-query attention, arXiv 2305.13245); must divide n_head; 0 = n_head."""
+    head_dim: int = 0
+    """Width of one attention head; 0 = d_model // n_head."""
     d_model: int = 128
     """Residual stream width D."""
     mlp_hidden: int = 0
     """SwiGLU hidden width; 0 means 128 * round(8 D / 3 / 128)."""
     rope_base: float = 10000.0
-    """RoPE frequency base."""
+    """RoPE frequency base (``rope_theta`` in Hugging Face configs)."""
+    rope_dtype: str = "float64"
+    """Precision in which the RoPE angles are computed before the tables are rounded to float32: float64 (nextlat's
+    own models) or float32 (as ``transformers`` computes them; set by ``nextlat import-hf``)."""
+    tie_embeddings: bool = False
+    """Share one matrix between the input embedding and the LM head."""
+    attention_bias: bool = False
+    """Biases on the q, k, v and o projections (Llama's ``attention_bias``)."""
     max_seq_len: int = 1024
     """Longest sequence (and RoPE table) the model supports."""
     init_std: float = 0.02
     """Standard deviation of the normal init of every matrix and the embedding."""
     norm_eps: float = 1e-5
     """RMSNorm epsilon."""
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads, ``n_kv_head`` resolved."""
+        return self.n_kv_head or self.n_head
+
+    @property
+    def head_width(self) -> int:
+        """Width of one attention head, ``head_dim`` resolved."""
+        return self.head_dim or self.d_model // max(self.n_head, 1)
 
 
 @dataclass
@@ -301,9 +323,14 @@ def validate_config(cfg: Config) -> None:
     checks = [
         (m.n_layer >= 1, "model.n_layer", m.n_layer, "must be >= 1"),
         (m.d_model >= 1, "model.d_model", m.d_model, "must be >= 1"),
-        (m.n_head >= 1 and m.d_model % m.n_head == 0, "model.n_head", m.n_head,
-         f"must divide model.d_model={m.d_model}"),
-        ((m.d_model // max(m.n_head, 1)) % 2 == 0, "model.d_model", m.d_model, "head dim must be even for RoPE"),
+        (m.d_model >= 1 and m.n_head >= 1 and (m.head_dim or m.d_model % m.n_head == 0), "model.n_head", m.n_head,
+         f"must divide model.d_model={m.d_model} (or set model.head_dim)"),
+        (m.n_kv_head >= 0 and m.n_head % max(m.kv_heads, 1) == 0, "model.n_kv_head", m.n_kv_head,
+         f"must divide model.n_head={m.n_head} (0 = n_head)"),
+        (m.head_dim >= 0 and m.head_width % 2 == 0, "model.head_dim" if m.head_dim else "model.d_model",
+         m.head_dim or m.d_model, "head dim must be even for RoPE"),
+        (m.rope_dtype in ("float64", "float32"), "model.rope_dtype", m.rope_dtype, "must be float64 or float32"),
+        (m.rope_base > 0 and m.norm_eps > 0, "model.rope_base/norm_eps", (m.rope_base, m.norm_eps), "must be > 0"),
         (m.vocab_size >= 0, "model.vocab_size", m.vocab_size, "must be >= 0"),
         (t.steps >= 1, "train.steps", t.steps, "must be >= 1"),
         (t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1"),
@@ -400,6 +427,12 @@ def with_task_overrides(cfg: Config, overrides: list[str], resolve: SectionResol
 
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
+
+
+def cache_home() -> Path:
+    """nextlat's cache folder: ``$NEXTLAT_CACHE``, or ``~/.cache/nextlat`` when unset."""
+    env = os.environ.get("NEXTLAT_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "nextlat"
 
 
 def recipe_names() -> list[str]:

@@ -1,8 +1,10 @@
 """The decoder-only backbone shared by every objective (docs/architecture.md section 1).
 
 Pre-norm blocks with RMSNorm, rotary position embeddings (half-split convention), SwiGLU MLPs,
-no biases, untied input embedding and LM head, N(0, init_std) init. Parameter names follow the
-Hugging Face Llama layout so that export is a pure renaming (``model.`` prefix aside).
+no biases, untied input embedding and LM head, N(0, init_std) init. What real checkpoints need is
+configurable: grouped-query attention, a free head width, tied embeddings, attention biases and
+the precision of the RoPE angles. Parameter names follow the Hugging Face Llama layout so that
+export is a pure renaming (``model.`` prefix aside; ``nextlat.interop.hf``).
 
 The forward pass returns hidden states (after the final norm, the tensor the LM head reads) and
 the token embeddings it used; logits are a separate call. Shapes: B batch, T time, D width,
@@ -40,12 +42,17 @@ class RMSNorm(nn.Module):
 
 
 class Rotary(nn.Module):
-    """Cos/sin tables for RoPE, gathered per token so packed documents restart at position 0."""
+    """Cos/sin tables for RoPE, gathered per token so packed documents restart at position 0.
 
-    def __init__(self, head_dim: int, max_seq_len: int, base: float):
+    ``dtype`` is the precision of the angles: float64, or float32 as ``transformers`` computes them
+    (inverse frequencies, angles and cos/sin all in float32), which an imported model needs to
+    reproduce its reference. The tables are float32 either way.
+    """
+
+    def __init__(self, head_dim: int, max_seq_len: int, base: float, dtype: torch.dtype = torch.float64):
         super().__init__()
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)  # (T, Dh/2)
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).to(dtype) / head_dim))
+        angles = torch.outer(torch.arange(max_seq_len, dtype=dtype), inv_freq)  # (T, Dh/2)
         angles = torch.cat([angles, angles], dim=-1)  # (T, Dh), half-split layout
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
@@ -64,7 +71,7 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class KVCache:
     """Preallocated keys and values written by position, one length per row.
 
-    k, v: (L, B, H, S_max, Dh). Row b holds ``lengths[b]`` valid positions; anything past that is
+    k, v: (L, B, Hkv, S_max, Dh). Row b holds ``lengths[b]`` valid positions; anything past that is
     stale and masked out, so rolling back after rejected draft tokens is just lowering the length.
     ``end`` is the longest row's length, kept on the host so that a decoding step never waits for
     the device to learn how many keys to read.
@@ -119,28 +126,28 @@ class LayerContext:
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        d = cfg.d_model
-        self.n_head = cfg.n_head
-        self.head_dim = d // cfg.n_head
-        self.q_proj = nn.Linear(d, d, bias=False)
-        self.k_proj = nn.Linear(d, d, bias=False)
-        self.v_proj = nn.Linear(d, d, bias=False)
-        self.o_proj = nn.Linear(d, d, bias=False)
+        d, bias = cfg.d_model, cfg.attention_bias
+        self.n_head, self.n_kv, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_width
+        self.q_proj = nn.Linear(d, self.n_head * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, d, bias=bias)
+        # Grouped-query attention: each key/value head serves n_head / n_kv query heads (arXiv 2305.13245).
+        self.sdpa_kwargs = {"enable_gqa": True} if self.n_kv != self.n_head else {}
 
     def forward(self, x: Tensor, ctx: LayerContext, layer: int) -> Tensor:
-        B, T, D = x.shape
-        q, k, v = (
-            proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
-            for proj in (self.q_proj, self.k_proj, self.v_proj)
-        )
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
+        k, v = (proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
+                for proj in (self.k_proj, self.v_proj))
         q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
         if ctx.cache is not None:
-            k, v = ctx.cache.write(layer, k, v)  # (B, H, S, Dh): everything cached so far plus the new keys
+            k, v = ctx.cache.write(layer, k, v)  # (B, Hkv, S, Dh): everything cached so far plus the new keys
         if ctx.mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **self.sdpa_kwargs)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, D))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, **self.sdpa_kwargs)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
 class SwiGLU(nn.Module):
@@ -180,8 +187,10 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.rotary = Rotary(cfg.d_model // cfg.n_head, cfg.max_seq_len, cfg.rope_base)
+        self.rotary = Rotary(cfg.head_width, cfg.max_seq_len, cfg.rope_base, getattr(torch, cfg.rope_dtype))
         init_weights(self, cfg.init_std)
+        if cfg.tie_embeddings:  # one parameter under both names (both appear in the state dict)
+            self.lm_head.weight = self.embed_tokens.weight
 
     def embed(self, input_ids: Tensor, check: bool = True) -> Tensor:
         """(B, T) token ids -> (B, T, D) embeddings, with a clear error for bad ids (``check``: reads them back)."""
@@ -269,7 +278,7 @@ class Transformer(nn.Module):
         if max_len > self.cfg.max_seq_len:
             raise ValueError(f"cache length {max_len} exceeds model.max_seq_len={self.cfg.max_seq_len}")
         w = self.lm_head.weight
-        return KVCache(self.cfg.n_layer, batch, self.cfg.n_head, max_len, self.cfg.d_model // self.cfg.n_head,
+        return KVCache(self.cfg.n_layer, batch, self.cfg.kv_heads, max_len, self.cfg.head_width,
                        device=w.device, dtype=dtype or w.dtype)
 
     def logits(self, h: Tensor) -> Tensor:

@@ -91,7 +91,7 @@ class MTPDrafter(Drafter):
         shape = (self.max_draft, *target.k.shape[1:])
         if self.cache is None or self.cache.k.shape != shape or self.cache.k.dtype != target.k.dtype \
                 or self.cache.k.device != target.k.device:
-            self.cache = KVCache(self.max_draft, target.k.shape[1], c.n_head, target.max_len, c.d_model // c.n_head,
+            self.cache = KVCache(self.max_draft, target.k.shape[1], c.kv_heads, target.max_len, c.head_width,
                                  target.k.device, target.k.dtype)
         # Positions past a row's length are masked and later overwritten, so a reused cache needs no clearing.
         self.cache.lengths, self.cache.end = target.lengths, target.end

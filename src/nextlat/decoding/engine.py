@@ -26,6 +26,7 @@ tokens once (plus once per draft step with ``adaptive``). Ids are validated at t
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -221,8 +222,13 @@ class Stepper:
 @torch.no_grad()
 def decode(model: Transformer, prompts: Tensor | list[Tensor], max_new_tokens: int, *,
            sampling: Sampling = GREEDY, generator: torch.Generator | None = None, stop_id: int | None = None,
-           use_cache: bool = True, head: Head | None = None) -> Generation:
-    """Ordinary decoding: one target forward pass per new token (KV-cached unless use_cache=False)."""
+           use_cache: bool = True, head: Head | None = None,
+           on_token: Callable[[Tensor], None] | None = None) -> Generation:
+    """Ordinary decoding: one target forward pass per new token (KV-cached unless use_cache=False).
+
+    ``on_token`` is called with each step's (B,) tokens as they are chosen, e.g. to stream text (reading
+    them on the host waits for the device once per step).
+    """
     rows = _as_rows(prompts)
     B, device = len(rows), model.lm_head.weight.device
     stats, clock = DecodeStats(), _Clock(device)
@@ -236,6 +242,8 @@ def decode(model: Transformer, prompts: Tensor | list[Tensor], max_new_tokens: i
     for t in range(max_new_tokens):
         tok = sampling.choose(logits, generator)
         out[:, t] = tok
+        if on_token is not None:
+            on_token(tok)
         if stop_id is not None:
             done |= tok == stop_id
             if bool(done.all()):  # the one read back per step, only to stop early

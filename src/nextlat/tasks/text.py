@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nextlat.config import ConfigError, TaskConfig
+from nextlat.config import ConfigError, TaskConfig, cache_home
 from nextlat.data import IGNORE, Batch, doc_ids_from_eos
 from nextlat.tasks.base import Task
 
@@ -45,6 +45,10 @@ CACHE_FORMAT = "nextlat-text-cache-v1"
 STDLIB = "stdlib"
 MIN_VOCAB = 257  # 256 byte symbols + <eos>: a byte-level BPE cannot be smaller
 DEFAULT_PROMPT_LEN = 64
+# Files of an imported Hugging Face model that its checkpoints carry along (nextlat.interop.hf writes them):
+# the tokenizer's settings and chat template, its special tokens, generation defaults and the original config.json.
+HF_FILES = ("tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json", "generation_config.json",
+            "hf_config.json")
 
 
 @dataclass
@@ -63,6 +67,9 @@ class TextConfig(TaskConfig):
     """Size of the trained byte-level BPE vocabulary, ``<eos>`` included (ignored when ``tokenizer`` is set)."""
     tokenizer: str = ""
     """Path to a saved ``tokenizer.json`` (HF tokenizers) to use as is; empty: train one on the training split."""
+    eos_token: str = EOS
+    """The token that closes every document (and stops generation). A tokenizer without ``<eos>`` gets it added
+    (one more id); any other name must already be in the tokenizer, e.g. ``<|im_end|>`` of an imported model."""
     seq_len: int = 256
     """Tokens per training window (the model sees seq_len inputs and seq_len shifted targets)."""
     val_fraction: float = 0.1
@@ -104,19 +111,23 @@ class TextConfig(TaskConfig):
 
 
 class BPETokenizer:
-    """Byte-level BPE (HF ``tokenizers``) with an ``<eos>`` special token.
+    """An HF ``tokenizers`` tokenizer (a trained byte-level BPE, or any ``tokenizer.json``) with an EOS token.
 
-    Any text round-trips exactly (byte level). A literal ``<eos>`` inside the text is encoded as
-    ordinary characters, never as the EOS id, so documents cannot forge a document boundary.
+    The trained BPE round-trips any text exactly (byte level). A literal special token inside the text
+    (``<eos>``) is encoded as ordinary characters, never as its id, so documents cannot forge a document
+    boundary; ``encode(text, special=True)`` parses them, for chat prompts.
     """
 
-    def __init__(self, tok):
-        if tok.token_to_id(EOS) is None:
+    def __init__(self, tok, eos: str = EOS):
+        if tok.token_to_id(eos) is None:
+            if eos != EOS:
+                raise ConfigError(f"task.eos_token={eos!r} is not in the tokenizer's vocabulary")
             # A foreign tokenizer.json: give it the EOS that document packing needs (one more id).
             tok.add_special_tokens([EOS])
         tok.encode_special_tokens = True  # not serialised by tokenizers: set on every load
         self._tok = tok
-        self.eos_id: int = tok.token_to_id(EOS)
+        self.eos_token = eos
+        self.eos_id: int = tok.token_to_id(eos)
         self.vocab_size: int = tok.get_vocab_size()
 
     @classmethod
@@ -136,20 +147,22 @@ class BPETokenizer:
         return out
 
     @classmethod
-    def from_json(cls, text: str) -> BPETokenizer:
+    def from_json(cls, text: str, eos: str = EOS) -> BPETokenizer:
         from tokenizers import Tokenizer
 
-        return cls(Tokenizer.from_str(text))
+        return cls(Tokenizer.from_str(text), eos)
 
     @classmethod
-    def load(cls, path: str | Path) -> BPETokenizer:
+    def load(cls, path: str | Path, eos: str = EOS) -> BPETokenizer:
         path = Path(path)
         try:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise ConfigError(f"tokenizer file {str(path)!r} does not exist") from None
         try:
-            return cls.from_json(text)
+            return cls.from_json(text, eos)
+        except ConfigError:
+            raise
         except Exception as e:  # tokenizers raises plain Exception subclasses for malformed JSON
             raise ConfigError(f"{path}: not a tokenizers tokenizer.json ({e})") from None
 
@@ -159,8 +172,15 @@ class BPETokenizer:
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_json(), encoding="utf-8")
 
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, special: bool = False) -> list[int]:
+        """Token ids of ``text``; ``special``: special tokens written in the text (``<|im_start|>``) become their ids."""
+        if not special:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        self._tok.encode_special_tokens = False
+        try:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        finally:
+            self._tok.encode_special_tokens = True
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Encode many texts at once (parallel inside tokenizers: much faster than a Python loop)."""
@@ -295,8 +315,7 @@ def _say(msg: str) -> None:
 def cache_root(cfg: TextConfig) -> Path:
     if cfg.cache_dir:
         return Path(cfg.cache_dir).expanduser()
-    env = os.environ.get("NEXTLAT_CACHE")
-    return (Path(env).expanduser() if env else Path.home() / ".cache" / "nextlat") / "text"
+    return cache_home() / "text"
 
 
 def cache_key(cfg: TextConfig, files: list[Path], tokenizer: BPETokenizer | None) -> dict:
@@ -309,6 +328,8 @@ def cache_key(cfg: TextConfig, files: list[Path], tokenizer: BPETokenizer | None
         tok = {"train_bpe": cfg.vocab_size}
     else:
         tok = {"sha256": hashlib.sha256(tokenizer.to_json().encode()).hexdigest()}
+        if tokenizer.eos_token != EOS:
+            tok["eos"] = tokenizer.eos_token
     return {"format": CACHE_FORMAT, "files": stamps, "doc_separator": cfg.doc_separator, "max_bytes": cfg.max_bytes,
             "tokenizer": tok, "val_fraction": cfg.val_fraction, "split_seed": cfg.split_seed}
 
@@ -329,7 +350,7 @@ class Corpus:
     val: Tensor  # (N_val,)
 
 
-def load_corpus(folder: Path) -> Corpus | None:
+def load_corpus(folder: Path, eos: str = EOS) -> Corpus | None:
     """Open a cache folder, or None when it is absent, foreign or incomplete (it is then never trusted)."""
     try:
         meta = json.loads((folder / "meta.json").read_text())
@@ -339,7 +360,7 @@ def load_corpus(folder: Path) -> Corpus | None:
         for split in ("train", "val"):
             if (folder / f"{split}.bin").stat().st_size != int(meta[f"{split}_tokens"]) * size:
                 return None
-        tok = BPETokenizer.from_json((folder / "tokenizer.json").read_text(encoding="utf-8"))
+        tok = BPETokenizer.from_json((folder / "tokenizer.json").read_text(encoding="utf-8"), eos)
         if tok.eos_id != meta["eos_id"] or tok.vocab_size != meta["vocab_size"]:
             return None
     except Exception:  # any unreadable part: treat the folder as not there
@@ -358,11 +379,11 @@ def prepare_corpus(cfg: TextConfig, tokenizer: BPETokenizer | None = None) -> Co
     """
     files = resolve_files(cfg.files)
     if tokenizer is None and cfg.tokenizer:
-        tokenizer = BPETokenizer.load(cfg.tokenizer)
+        tokenizer = BPETokenizer.load(cfg.tokenizer, cfg.eos_token)
     key = cache_key(cfg, files, tokenizer)
     root = cache_root(cfg)
     folder = key_folder(root, key)
-    corpus = load_corpus(folder)
+    corpus = load_corpus(folder, cfg.eos_token)
     if corpus is not None:
         return corpus
     if folder.exists():  # stale or half-deleted: move it out of the way, never trust it
@@ -380,12 +401,12 @@ def prepare_corpus(cfg: TextConfig, tokenizer: BPETokenizer | None = None) -> Co
         try:
             tmp.rename(folder)
         except OSError:  # another process finished the same corpus first: use theirs
-            if load_corpus(folder) is None:
+            if load_corpus(folder, cfg.eos_token) is None:
                 raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    corpus = load_corpus(folder)
+    corpus = load_corpus(folder, cfg.eos_token)
     assert corpus is not None, f"freshly prepared cache {folder} does not load"
     return corpus
 
@@ -452,6 +473,7 @@ class TextTask(Task):
         self._saved_tok: BPETokenizer | None = None  # the tokenizer a checkpoint was trained with
         self._corpus: Corpus | None = None
         self._doc_spans: list[tuple[int, int]] | None = None
+        self._hf_files: dict[str, bytes] = {}  # the files of an imported model (HF_FILES), kept in every checkpoint
 
     @classmethod
     def from_checkpoint(cls, cfg: TextConfig, ckpt_dir: str | Path) -> TextTask:
@@ -459,7 +481,10 @@ class TextTask(Task):
         task = cls(cfg)
         path = Path(ckpt_dir) / "tokenizer.json"
         if path.is_file():
-            task._saved_tok = BPETokenizer.load(path)
+            task._saved_tok = BPETokenizer.load(path, cfg.eos_token)
+        for name in HF_FILES:
+            if (Path(ckpt_dir) / name).is_file():
+                task._hf_files[name] = (Path(ckpt_dir) / name).read_bytes()
         return task
 
     @property
@@ -476,7 +501,7 @@ class TextTask(Task):
             if self._saved_tok is not None:
                 self._tok = self._saved_tok
             elif self.cfg.tokenizer:
-                self._tok = BPETokenizer.load(self.cfg.tokenizer)
+                self._tok = BPETokenizer.load(self.cfg.tokenizer, self.cfg.eos_token)
             else:
                 self._tok = self.corpus().tokenizer
         return self._tok
@@ -486,7 +511,7 @@ class TextTask(Task):
         return self.cfg.seq_len
 
     def artifacts(self) -> dict[str, bytes]:
-        return {"tokenizer.json": self.tokenizer.to_json().encode()}
+        return {"tokenizer.json": self.tokenizer.to_json().encode(), **self._hf_files}
 
     def corpus(self) -> Corpus:
         if self._corpus is None:

@@ -68,8 +68,8 @@ def save_checkpoint(
     path: str | Path,
     *,
     cfg: Config,
-    model: nn.Module,
-    objective: nn.Module,
+    model: nn.Module | dict[str, torch.Tensor],
+    objective: nn.Module | dict[str, torch.Tensor],
     step: int,
     metrics: dict[str, Any] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
@@ -78,6 +78,7 @@ def save_checkpoint(
 ) -> Path:
     """Write a checkpoint folder atomically. ``param_names`` maps id(param) -> name for the optimizer state.
 
+    ``model`` and ``objective`` are modules or their state dicts (contiguous CPU tensors, as stored).
     ``artifacts``: extra files (name -> content) the task needs to use the model, e.g. its tokenizer.
     """
     path = Path(path)
@@ -90,8 +91,8 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file(_state(model), tmp / "model.safetensors")
-    save_file(_state(objective), tmp / "objective.safetensors")
+    for name, part in (("model", model), ("objective", objective)):
+        save_file(_state(part) if isinstance(part, nn.Module) else part, tmp / f"{name}.safetensors")
     _fsync_write(tmp / "config.yaml", cfg.to_yaml())
     meta = {
         "format": FORMAT,

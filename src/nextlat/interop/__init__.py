@@ -1,0 +1,1 @@
+"""Interchange with other libraries: Hugging Face folders in and out (hf)."""
