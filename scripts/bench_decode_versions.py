@@ -1,6 +1,6 @@
 """KV-cached greedy decoding speed of two source trees of nextlat, side by side.
 
-    python scripts/bench_decode_versions.py SRC_A SRC_B [--repeats N]
+    python scripts/bench_decode_versions.py SRC_A SRC_B [--repeats N] [--json FILE]
 
 A random 4 x 256 model (vocabulary 1000, seed 0) is saved once to a temporary safetensors file, so
 both versions load the same weights. Each repeat runs one subprocess per version, with
@@ -103,6 +103,7 @@ def main() -> None:
     p.add_argument("src_a")
     p.add_argument("src_b")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", help="also write every run's numbers to this file")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--make", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -131,7 +132,13 @@ def main() -> None:
         medians[name] = statistics.median(tps)
         print(f"{name} {src}: {medians[name]:8.1f} tokens/s (min {min(tps):.1f}, max {max(tps):.1f}); "
               f"{results[name][0]['reads_per_token']:.2f} host reads per token")
-    print(f"ratio B/A (medians): {medians['B'] / medians['A']:.3f}")
+    paired = sorted(b["tokens_per_s"] / a["tokens_per_s"] for a, b in zip(results["A"], results["B"]))
+    print(f"ratio B/A (medians): {medians['B'] / medians['A']:.3f}; per repeat (A and B side by side): "
+          f"median {statistics.median(paired):.3f}, min {paired[0]:.3f}, max {paired[-1]:.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"shape": SHAPE, "prompts": PROMPTS, "prompt_len": PROMPT_LEN,
+                                               "new_tokens": NEW_TOKENS, "threads": THREADS, "src": [args.src_a, args.src_b],
+                                               "runs": results, "paired_ratios": paired}, indent=1))
 
 
 if __name__ == "__main__":
