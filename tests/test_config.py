@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from nextlat.cli import main
-from nextlat.config import Config, ConfigError, recipe_names, set_dotted
+from nextlat.config import Config, ConfigError, TrainConfig, recipe_names, set_dotted
 from nextlat.registry import build_task, config_from_dict, load_config, objective_class, objective_settings
 from nextlat.tasks.pathstar import PathStarConfig
 from nextlat.training.build import build
@@ -197,7 +197,8 @@ def test_shipped_recipes_resolve_as_in_0_1_0():
     """Every shipped recipe resolves to the configuration nextlat 0.1.0 resolved it to (commit 008330b,
     ``load_config(name).to_dict()`` of each recipe, stored in tests/data). 0.1.0 had one flat objective
     section carrying every objective's settings; today each objective takes only its own, so the
-    comparison leaves out the settings its objective never read, and nothing else.
+    comparison leaves out the settings its objective never read, and nothing else. Train settings added
+    since 0.1.0 must hold their defaults.
 
     One exception: ``bench-train`` (the recipe ``nextlat bench-train`` varies the objective of) named
     next_token, whose flat section carried the NextLat settings the bench applied to its NextLat variants
@@ -210,6 +211,9 @@ def test_shipped_recipes_resolve_as_in_0_1_0():
         own = objective_settings(objective)
         assert set(new["objective"]) == own, name
         old = {**old, "objective": {k: v for k, v in {**old["objective"], "name": objective}.items() if k in own}}
+        added = {k: v for k, v in new["train"].items() if k not in old["train"]}
+        assert added == {k: v for k, v in dataclasses.asdict(TrainConfig()).items() if k in added}, name
+        new["train"] = {k: v for k, v in new["train"].items() if k not in added}
         assert new == old, name
 
 
