@@ -22,7 +22,6 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
-    get_model_state_dict,
     get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
@@ -115,7 +114,9 @@ class Parallel:
         """The whole model's and objective's state dicts (collective under FSDP; empty on ranks other than 0)."""
         if self.mode != "fsdp":
             return model.state_dict(), objective.state_dict()
-        state = get_model_state_dict(self.root, options=_FULL)
+        state = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in self.root.state_dict().items()}
+        if not self.is_main:
+            return {}, {}
         return _split(state, "model."), _split(state, "objective.")
 
     def full_optimizer_state(self, opt: torch.optim.Optimizer, names: dict[int, str]) -> OptimizerState:

@@ -203,7 +203,7 @@ class Trainer:
             if (t.ckpt_every and done % t.ckpt_every == 0) or done == t.steps:
                 self.save(done, {**metrics, **last_eval})
         bar.close()
-        if not last_eval:  # no step ran (a finished run was resumed): evaluate the final weights again
+        if self.start_step >= t.steps:  # no step ran (a finished run was resumed): evaluate the final weights again
             last_eval = self.evaluate()
         results = {"run_name": self.cfg.run_name, "step": t.steps, "objective": self.cfg.objective.name,
                    "seed": t.seed, "eval": last_eval}
