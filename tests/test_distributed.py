@@ -155,3 +155,15 @@ def test_a_hung_rank_times_out(run_config, tmp_path):
     with pytest.raises(mp.ProcessRaisedException, match="(?i)timed? ?out"):
         spawn(cfg, tmp_path, hang=True)
     assert time.perf_counter() - start < 60
+
+
+@pytest.mark.slow
+def test_compile_matches_eager(run_config, tmp_path):
+    """train.compile (inductor on CPU) gives the eager losses within 1e-5 relative (float32: fused kernels round
+    differently)."""
+    out = {}
+    for compiled in (False, True):
+        cfg = run_config({**SETTINGS, "train.compile": compiled, "train.ckpt_every": 0})
+        loop.Trainer(cfg, out_dir=tmp_path / str(compiled)).fit()
+        out[compiled] = losses(tmp_path / str(compiled))
+    assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(out[True], out[False])), out
