@@ -10,8 +10,17 @@ import pytest
 import yaml
 
 from nextlat.cli import main
-from nextlat.config import Config, ConfigError, ModelConfig, commented_yaml, field_docs, recipe_names, set_dotted
-from nextlat.registry import build_task, config_from_dict, load_config, objective_class, objective_settings
+from nextlat.config import (
+    Config,
+    ConfigError,
+    ModelConfig,
+    TrainConfig,
+    commented_yaml,
+    field_docs,
+    recipe_names,
+    set_dotted,
+)
+from nextlat.registry import build_task, config_from_dict, load_config, objective_class, objective_settings, task_class
 from nextlat.tasks.pathstar import PathStarConfig
 from nextlat.training.build import build
 
@@ -195,9 +204,6 @@ def test_bad_bases_give_clear_errors(tmp_path, files, pattern):
         load_config(str(tmp_path / "a.yaml"))
 
 
-ADDED_MODEL_KEYS = ("n_kv_head", "head_dim", "rope_dtype", "tie_embeddings", "attention_bias")
-
-
 def test_shipped_recipes_resolve_as_in_0_1_0():
     """Every shipped recipe resolves to the configuration nextlat 0.1.0 resolved it to (commit 008330b,
     ``load_config(name).to_dict()`` of each recipe, stored in tests/data). 0.1.0 had one flat objective
@@ -208,18 +214,18 @@ def test_shipped_recipes_resolve_as_in_0_1_0():
     next_token, whose flat section carried the NextLat settings the bench applied to its NextLat variants
     (proj_factor 0.5); it now names next_latent with those same settings.
 
-    Settings added since 0.1.0 (``ADDED``: the model features real checkpoints need, the text task's
-    EOS token) must hold their defaults, which reproduce 0.1.0; they are then left out of the comparison."""
+    Settings added since 0.1.0 (the model features real checkpoints need, the text task's EOS token, the
+    distributed-training settings) must hold their defaults, which reproduce 0.1.0; they are then left out
+    of the comparison."""
     before = json.loads((Path(__file__).parent / "data" / "recipes-resolved-0.1.0.json").read_text())
     assert sorted(before) == recipe_names()
-    model_defaults = dataclasses.asdict(ModelConfig())
-    added = {"model": {k: model_defaults[k] for k in ADDED_MODEL_KEYS}, "task": {"eos_token": "<eos>"}}
     for name, old in before.items():
         new = load_config(name).to_dict()
-        for section, keys in added.items():
-            for key, default in keys.items():
-                if key in new[section] and key not in old[section]:
-                    assert new[section].pop(key) == default, (name, section, key)
+        defaults = {"model": dataclasses.asdict(ModelConfig()), "train": dataclasses.asdict(TrainConfig()),
+                    "task": dataclasses.asdict(task_class(new["task"]["name"]).config_class())}
+        for section, section_defaults in defaults.items():
+            for key in [k for k in new[section] if k not in old[section]]:
+                assert new[section].pop(key) == section_defaults[key], (name, section, key)
         objective = "next_latent" if name == "bench-train" else old["objective"]["name"]
         own = objective_settings(objective)
         assert set(new["objective"]) == own, name

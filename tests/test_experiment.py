@@ -270,3 +270,29 @@ def test_interrupted_experiment_resumes_runs_exactly(tiny_experiment, tmp_path):
         assert steps == [1, 2, 3, 4]
         got, want = (json.loads((d / slug / "seed_0" / "results.json").read_text()) for d in (out, ref))
         assert got["eval"] == want["eval"]
+
+
+def test_run_jobs_puts_one_job_on_each_device(tmp_path, monkeypatch):
+    """--devices: as many jobs at once as devices, each started with its own CUDA_VISIBLE_DEVICES."""
+    import subprocess
+    from pathlib import Path
+
+    from nextlat.experiments import sweep
+
+    started: list[str] = []
+
+    class Done:
+        returncode = 0
+
+        def __init__(self, cmd, env=None, **kw):
+            started.append(env["CUDA_VISIBLE_DEVICES"])
+            (Path(cmd[cmd.index("--out") + 1]) / "results.json").write_text("{}")
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", Done)
+    monkeypatch.setattr(sweep.time, "sleep", lambda s: None)
+    jobs = [Job(tmp_path / f"r{i}", "pathstar-demo", i) for i in range(3)]
+    assert sweep.run_jobs(jobs, devices=["2", "5"]) == []
+    assert started == ["2", "5", "2"]

@@ -28,7 +28,7 @@ def _commands() -> list[list[str]]:
         for line in block.replace("\\\n", " ").splitlines():
             if line.startswith("nextlat "):
                 lexer = shlex.shlex(line, posix=True, punctuation_chars="|")
-                lexer.commenters = "#"
+                lexer.commenters, lexer.whitespace_split = "#", True
                 words = list(lexer)
                 out.append(words[1 : words.index("|") if "|" in words else None])
     return out

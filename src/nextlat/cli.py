@@ -189,7 +189,7 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
         report(args.name, args.scale, seeds, out)
     else:
         run_experiment(args.name, scale=args.scale, seeds=seeds, parallel=args.jobs, out=out, overrides=overrides,
-                       arms=args.arms)
+                       arms=args.arms, devices=args.devices.split(",") if args.devices else None)
     print(f"[experiment] table: {out / 'results.md'}", file=sys.stderr)
     return 0
 
@@ -358,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recipe scale: cpu (minutes on a CPU), gpu (minutes on one GPU; a5 and manhattan), paper (GPU days)")
     x.add_argument("--seeds", type=_count(1), default=3, help="number of seeds (0..N-1) per objective")
     x.add_argument("--jobs", type=_count(1), default=1, help="runs trained at once (CPU threads are split among them)")
+    x.add_argument("--devices", metavar="0,1,...", help="GPU ids: one run on each at a time (sets --jobs)")
     x.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override applied to every run")
     x.add_argument("--out", help="experiment folder (default runs/experiments/<name>-<scale>, "
                                  "then -<graph file name> with --graph)")

@@ -144,6 +144,14 @@ class TrainConfig:
     freeze_backbone: bool = False
     """Train only the objective's own parameters, e.g. fit a NextLat dynamics model or MTP heads post hoc to
     the trained backbone given by ``init_from``."""
+    parallel: str = "none"
+    """Data parallelism over the processes ``torchrun`` starts: none | ddp (DistributedDataParallel) | fsdp
+    (FSDP2 ``fully_shard``). ``batch_size`` stays the global batch, split evenly over the processes."""
+    dist_timeout: float = 1800.0
+    """Seconds a process waits in a collective before the job fails (the other processes wait this long for
+    rank 0's evaluations and checkpoints)."""
+    compile: bool = False
+    """``torch.compile`` the training step's forward and loss."""
 
 
 @dataclass
@@ -352,6 +360,8 @@ def validate_config(cfg: Config) -> None:
         (t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, "must be >= 1"),
         (not t.freeze_backbone or t.init_from, "train.freeze_backbone", t.freeze_backbone,
          "needs train.init_from (a trained backbone to keep fixed)"),
+        (t.parallel in ("none", "ddp", "fsdp"), "train.parallel", t.parallel, "must be none, ddp or fsdp"),
+        (t.dist_timeout > 0, "train.dist_timeout", t.dist_timeout, "must be > 0"),
         (not t.freeze_backbone or cfg.objective.has_parameters, "train.freeze_backbone", t.freeze_backbone,
          f"objective {cfg.objective.name} has no parameters of its own to train"),
     ]

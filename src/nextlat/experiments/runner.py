@@ -81,13 +81,14 @@ def default_folder(name: str, scale: str, graph: str | Path | None = None) -> Pa
 
 
 def run_experiment(name: str, *, scale: str = "cpu", seeds: list[int] = (0, 1, 2), parallel: int = 1,
-                   out: Path | None = None, overrides: list[str] = (), arms: list[str] | None = None) -> dict[str, Any]:
-    """Train the experiment's runs that have not finished, then tabulate every finished run (all arms, also
-    those left out by ``arms``)."""
+                   out: Path | None = None, overrides: list[str] = (), arms: list[str] | None = None,
+                   devices: list[str] | None = None) -> dict[str, Any]:
+    """Train the experiment's runs that have not finished (one per GPU of ``devices`` when given), then tabulate
+    every finished run (all arms, also those left out by ``arms``)."""
     out = Path(out or default_folder(name, scale))
     jobs = plan(name, scale, list(seeds), out, overrides, arms)
     out.mkdir(parents=True, exist_ok=True)
-    failed = run_jobs(jobs, parallel)
+    failed = run_jobs(jobs, parallel, devices)
     result = report(name, scale, list(seeds), out)
     if failed:
         raise RuntimeError(f"{len(failed)} run(s) failed ({', '.join(str(j.run_dir) for j in failed)}); "

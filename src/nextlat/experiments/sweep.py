@@ -41,13 +41,17 @@ class Job:
         return is_finished(self.run_dir)
 
 
-def run_jobs(jobs: list[Job], parallel: int = 1) -> list[Job]:
+def run_jobs(jobs: list[Job], parallel: int = 1, devices: list[str] | None = None) -> list[Job]:
     """Train the unfinished ``jobs``, ``parallel`` at a time (CPU threads split among them); returns the failed ones.
+
+    ``devices``: GPU ids; one job runs on each (``CUDA_VISIBLE_DEVICES``), so ``parallel`` is their number.
 
     Output of each run goes to ``<run_dir>/train.log``. Runs resume from their newest checkpoint. A job with
     ``after`` waits for that run to finish; if it fails (or is not among ``jobs`` and not finished), the job
     fails without starting.
     """
+    if devices:
+        parallel = len(devices)
     if parallel < 1:
         raise ValueError(f"parallel={parallel}: must be >= 1")
     threads = max(1, (os.cpu_count() or 1) // parallel)
@@ -55,7 +59,7 @@ def run_jobs(jobs: list[Job], parallel: int = 1) -> list[Job]:
         if job.done:
             check_finished(job)
     pending = [j for j in jobs if not j.done]
-    running: list[tuple[Job, subprocess.Popen, Any]] = []
+    running: list[tuple[Job, subprocess.Popen, Any, str | None]] = []
     failed: list[Job] = []
     while pending or running:
         queued = {j.run_dir for j in pending} | {r[0].run_dir for r in running}
@@ -73,12 +77,16 @@ def run_jobs(jobs: list[Job], parallel: int = 1) -> list[Job]:
                    "--set", f"train.threads={threads}",  # first, so that a train.threads of the user's wins
                    *sum((["--set", o] for o in job.overrides), []),
                    "--set", f"train.seed={job.seed}", "--set", "train.progress=false"]
+            free = [d for d in devices or [] if d not in {r[3] for r in running}]
+            device = free[0] if free else None
+            env = {**os.environ, "CUDA_VISIBLE_DEVICES": device} if device is not None else None
             log = open(job.run_dir / "train.log", "a")
-            print(f"[runs] start {job.run_dir}: {' '.join(cmd[3:])}", flush=True)
-            running.append((job, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
+            on = f" on device {device}" if device is not None else ""
+            print(f"[runs] start {job.run_dir}{on}: {' '.join(cmd[3:])}", flush=True)
+            running.append((job, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log, device))
         time.sleep(1)
         for item in list(running):
-            job, proc, log = item
+            job, proc, log, _ = item
             if proc.poll() is not None:
                 log.close()
                 running.remove(item)

@@ -27,7 +27,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def uses_bf16(device: torch.device, precision: str) -> bool:
-    """Whether ``train.precision`` means bf16 autocast on ``device``."""
+    """Whether ``train.precision`` trains in bf16 on ``device``."""
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 

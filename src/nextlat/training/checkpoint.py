@@ -59,9 +59,34 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _state(module: nn.Module) -> dict[str, torch.Tensor]:
+def _state(module: nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # contiguous clones: safetensors refuses shared or strided storage
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
+    state = module if isinstance(module, dict) else module.state_dict()
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+
+
+@dataclass
+class OptimizerState:
+    """An optimizer's state by parameter name: the hyper-parameters of each group and every parameter's moments."""
+
+    groups: list[dict[str, Any]]
+    params: dict[str, dict[str, torch.Tensor]]
+
+    @classmethod
+    def of(cls, opt: torch.optim.Optimizer, names: dict[int, str]) -> OptimizerState:
+        """``opt``'s state; ``names`` maps id(param) -> name."""
+        return cls([{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups],
+                   {names[id(p)]: dict(opt.state[p]) for group in opt.param_groups for p in group["params"]
+                    if opt.state.get(p)})
+
+    def load_into(self, opt: torch.optim.Optimizer, names: dict[int, str]) -> None:
+        sd = opt.state_dict()
+        if len(self.groups) != len(sd["param_groups"]):
+            raise CheckpointError(f"optimizer has {len(self.groups)} groups, expected {len(sd['param_groups'])}")
+        params = [p for group in opt.param_groups for p in group["params"]]
+        state = {i: self.params[names[id(p)]] for i, p in enumerate(params) if names[id(p)] in self.params}
+        groups = [{**saved, "params": current["params"]} for saved, current in zip(self.groups, sd["param_groups"])]
+        opt.load_state_dict({"state": state, "param_groups": groups})
 
 
 def save_checkpoint(
@@ -72,11 +97,12 @@ def save_checkpoint(
     objective: nn.Module | dict[str, torch.Tensor],
     step: int,
     metrics: dict[str, Any] | None = None,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: torch.optim.Optimizer | OptimizerState | None = None,
     param_names: dict[int, str] | None = None,
     artifacts: dict[str, bytes] | None = None,
 ) -> Path:
-    """Write a checkpoint folder atomically. ``param_names`` maps id(param) -> name for the optimizer state.
+    """Write a checkpoint folder atomically. ``model`` and ``objective`` are modules or their state dicts;
+    ``param_names`` maps id(param) -> name for the optimizer state (not needed for an :class:`OptimizerState`).
 
     ``model`` and ``objective`` are modules or their state dicts (contiguous CPU tensors, as stored).
     ``artifacts``: extra files (name -> content) the task needs to use the model, e.g. its tokenizer.
@@ -107,7 +133,9 @@ def save_checkpoint(
         "artifacts": sorted(artifacts),
     }
     if optimizer is not None:
-        tensors, info = _trainer_state(optimizer, param_names or {})
+        if not isinstance(optimizer, OptimizerState):
+            optimizer = OptimizerState.of(optimizer, param_names or {})
+        tensors, info = _trainer_state(optimizer)
         save_file(tensors, tmp / "trainer.safetensors")
         _fsync_write(tmp / "trainer.json", json.dumps(info))
     for name, content in artifacts.items():
@@ -125,19 +153,16 @@ def save_checkpoint(
     return path
 
 
-def _trainer_state(opt: torch.optim.Optimizer, names: dict[int, str]) -> tuple[dict[str, torch.Tensor], dict]:
+def _trainer_state(opt: OptimizerState) -> tuple[dict[str, torch.Tensor], dict]:
     tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = s
-    groups = []
-    for group in opt.param_groups:
-        groups.append({k: v for k, v in group.items() if k != "params"})
-        for p in group["params"]:
-            for key, value in opt.state.get(p, {}).items():
-                tensors[f"opt.{names[id(p)]}.{key}"] = value.detach().to("cpu").contiguous().clone()
+    for name, entry in opt.params.items():
+        for key, value in entry.items():
+            tensors[f"opt.{name}.{key}"] = value.detach().to("cpu").contiguous().clone()
     version, internal, gauss = random.getstate()
-    info = {"param_groups": groups, "python_rng": [version, list(internal), gauss]}
+    info = {"param_groups": opt.groups, "python_rng": [version, list(internal), gauss]}
     return tensors, info
 
 
@@ -234,8 +259,9 @@ def load_weights(ckpt: Checkpoint, model: nn.Module, objective: nn.Module | None
         module.load_state_dict(state, strict=True)
 
 
-def load_trainer_state(ckpt: Checkpoint, opt: torch.optim.Optimizer, names: dict[int, str]) -> None:
-    """Restore optimizer moments, hyper-parameters and RNG states for an exact resume."""
+def load_trainer_state(ckpt: Checkpoint, opt: torch.optim.Optimizer | None, names: dict[int, str]) -> OptimizerState:
+    """Restore optimizer moments, hyper-parameters (into ``opt`` unless None) and RNG states for an exact resume;
+    returns the optimizer state read."""
     if not ckpt.meta.get("has_trainer_state") or not (ckpt.path / "trainer.safetensors").is_file():
         raise CheckpointError(f"{ckpt.path}: holds no optimizer state (saved for inference only); cannot resume")
     tensors = _load_tensors(ckpt.path / "trainer.safetensors")
@@ -243,22 +269,17 @@ def load_trainer_state(ckpt: Checkpoint, opt: torch.optim.Optimizer, names: dict
         info = json.loads((ckpt.path / "trainer.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{ckpt.path / 'trainer.json'}: corrupt trainer state ({e})") from None
-    sd = opt.state_dict()
-    if len(info["param_groups"]) != len(sd["param_groups"]):
-        raise CheckpointError(f"{ckpt.path}: optimizer has {len(info['param_groups'])} groups, expected "
-                              f"{len(sd['param_groups'])}")
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    index = 0
-    for group in opt.param_groups:
-        for p in group["params"]:
-            prefix = f"opt.{names[id(p)]}."
-            entry = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-            if entry:
-                state[index] = entry
-            index += 1
-    for saved, current in zip(info["param_groups"], sd["param_groups"]):
-        saved["params"] = current["params"]
-    opt.load_state_dict({"state": state, "param_groups": info["param_groups"]})
+    params: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            name, _, field = key[len("opt."):].rpartition(".")
+            params.setdefault(name, {})[field] = value
+    state = OptimizerState(info["param_groups"], params)
+    if opt is not None:
+        try:
+            state.load_into(opt, names)
+        except CheckpointError as e:
+            raise CheckpointError(f"{ckpt.path}: {e}") from None
     torch.set_rng_state(tensors["rng.torch"])
     if torch.cuda.is_available():
         cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
@@ -266,6 +287,7 @@ def load_trainer_state(ckpt: Checkpoint, opt: torch.optim.Optimizer, names: dict
             torch.cuda.set_rng_state_all(cuda)
     version, internal, gauss = info["python_rng"]
     random.setstate((version, tuple(internal), gauss))
+    return state
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:

@@ -24,7 +24,7 @@ from nextlat.config import Config, ConfigError, TrainConfig
 from nextlat.data import Batch, StatelessSampler
 from nextlat.model import Transformer
 from nextlat.objectives.base import Objective, mean_parts
-from nextlat.training.build import Components, autocast_context, build, resolve_device, uses_bf16
+from nextlat.training.build import Components, autocast_context, build, uses_bf16
 from nextlat.training.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -38,6 +38,7 @@ from nextlat.training.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
+from nextlat.training.distributed import Parallel, clip_grad_norm, parallelize, setup
 from nextlat.training.optim import build_optimizer, lr_at, named_parameters
 from nextlat.training.runs import MetricsLog, check_compatible, holds_run, lock_run_folder
 
@@ -48,18 +49,41 @@ class Trainer:
         t = cfg.train
         if t.threads > 0:
             torch.set_num_threads(t.threads)
-        self.device = resolve_device(t.device)
+        self.par = setup(t)
+        self.device = self.par.device
         self.out = Path(out_dir) if out_dir is not None else cfg.output_dir
         self.start_step = 0
         self._lock = None
-        self._created = self._make_folder()
+        self._created = False
         try:
-            self._lock = lock_run_folder(self.out)
-            resume_from = self._check_out_dir(cfg, resume)
+            resume_from = self._prepare_folder_on_main(cfg, resume)
             self._setup(cfg, resume, resume_from)
         except BaseException:
             self._abandon()
             raise
+
+    def _prepare_folder_on_main(self, cfg: Config, resume: bool) -> Path | None:
+        """Rank 0 creates, locks and checks the run folder and clears stale checkpoint writes; it tells the other
+        ranks what to resume from (or its error, which every rank then raises)."""
+        found: list[Any] = [None, None]
+        if self.par.is_main:
+            try:
+                self._created = self._make_folder()
+                self._lock = lock_run_folder(self.out)
+                found[0] = self._check_out_dir(cfg, resume)
+                stale = remove_stale_saves(self.out)
+                if stale:
+                    print(f"[nextlat] cleared {len(stale)} checkpoint write(s) left by stopped runs: "
+                          f"{', '.join(p.name for p in stale)}", file=sys.stderr)
+            except (ConfigError, CheckpointError) as e:
+                found[1] = str(e)
+                if self.par.mode == "none":
+                    raise
+        if self.par.mode != "none":
+            torch.distributed.broadcast_object_list(found)
+        if found[1] is not None:
+            raise ConfigError(found[1])
+        return None if found[0] is None else Path(found[0])
 
     def _make_folder(self) -> bool:
         """Create the run folder; whether it was created."""
@@ -99,10 +123,6 @@ class Trainer:
 
     def _setup(self, cfg: Config, resume: bool, resume_from: Path | None) -> None:
         t = cfg.train
-        stale = remove_stale_saves(self.out)
-        if stale:
-            print(f"[nextlat] cleared {len(stale)} checkpoint write(s) left by stopped runs: "
-                  f"{', '.join(p.name for p in stale)}", file=sys.stderr)
         init = read_checkpoint(resolve_checkpoint(t.init_from)) if t.init_from and resume_from is None else None
         # A resumed or initialised run keeps its checkpoint's tokenizer.
         comps = build(cfg, self.device, ckpt_dir=resume_from or (init.path if init else None))
@@ -111,21 +131,25 @@ class Trainer:
             _initialise(init, comps)
         if t.freeze_backbone:
             self.model.requires_grad_(False)
+        ckpt = read_checkpoint(resume_from) if resume_from is not None else None
+        if ckpt is not None:
+            load_weights(ckpt, self.model, self.objective)  # the full weights, before FSDP shards them
+        parallelize(self.model, self.objective, t, self.par)
         self.modules = {"model": self.model, "objective": self.objective}
         self.optimizer = build_optimizer(self.modules, t)
         self.param_names = {id(p): name for name, p in named_parameters(self.modules)}
         self.data = self.task.train_data()
         self.sampler = StatelessSampler(len(self.data), t.batch_size, t.seed)
         self.log = MetricsLog(self.out / "metrics.jsonl")
-        if resume_from is not None:
-            ckpt = read_checkpoint(resume_from)
-            load_weights(ckpt, self.model, self.objective)
-            load_trainer_state(ckpt, self.optimizer, self.param_names)
+        if ckpt is not None:
+            state = load_trainer_state(ckpt, None, self.param_names)
+            self.par.load_optimizer_state(self.optimizer, state, self.param_names)
             self.start_step = ckpt.step
-        if resume:
-            # Records past the restart point (all of them when no checkpoint was reached) will be re-run.
-            self.log.truncate_after(self.start_step)
-        (self.out / "config.yaml").write_text(self.cfg.to_yaml())
+        if self.par.is_main:
+            if resume:
+                # Records past the restart point (all of them when no checkpoint was reached) will be re-run.
+                self.log.truncate_after(self.start_step)
+            (self.out / "config.yaml").write_text(self.cfg.to_yaml())
 
     def _abandon(self) -> None:
         """After a failure: remove the run folder if this trainer created it and no run went into it; release it."""
@@ -139,8 +163,9 @@ class Trainer:
         lr = lr_at(step, self.cfg.train)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        batch = self.data.get(self.sampler.indices(step)).to(self.device)
-        metrics = optimizer_step(self.model, self.objective, self.optimizer, batch, self.cfg.train, self.device)
+        batch = self.data.get(self.par.shard(self.sampler.indices(step))).to(self.device)
+        metrics = optimizer_step(self.model, self.objective, self.optimizer, batch, self.cfg.train, self.device,
+                                 self.par)
         if not math.isfinite(metrics["loss"]):
             t = self.cfg.train
             tips = [f"lower train.lr (now {t.lr:g})"]
@@ -154,12 +179,21 @@ class Trainer:
         return {**metrics, "lr": lr}
 
     def evaluate(self) -> dict[str, float]:
-        return self.task.evaluate(self.model, self.objective, device=self.device, seed=self.cfg.train.seed)
+        """Rank 0 evaluates; the other ranks return {}."""
+        modules = self.par.evaluation_modules(self.model, self.objective)
+        if modules is None:
+            return {}
+        return self.task.evaluate(*modules, device=self.device, seed=self.cfg.train.seed)
 
-    def save(self, step: int, metrics: dict[str, Any]) -> Path:
-        path = save_checkpoint(self.out / "checkpoints" / f"step_{step:07d}", cfg=self.cfg, model=self.model,
-                               objective=self.objective, step=step, metrics=metrics, optimizer=self.optimizer,
-                               param_names=self.param_names, artifacts=self.task.artifacts())
+    def save(self, step: int, metrics: dict[str, Any]) -> Path | None:
+        """Rank 0 writes the full state; the other ranks return None."""
+        model, objective = self.par.full_weights(self.model, self.objective)
+        opt = self.par.full_optimizer_state(self.optimizer, self.param_names)
+        if not self.par.is_main:
+            return None
+        path = save_checkpoint(self.out / "checkpoints" / f"step_{step:07d}", cfg=self.cfg, model=model,
+                               objective=objective, step=step, metrics=metrics, optimizer=opt,
+                               artifacts=self.task.artifacts())
         kept = list_checkpoints(self.out)[: -self.cfg.train.keep_checkpoints]
         for old in kept:
             shutil.rmtree(old, ignore_errors=True)
@@ -172,6 +206,7 @@ class Trainer:
         if self._lock is not None:
             self._lock.close()
             self._lock = None
+        self.par.close()
 
     def fit(self) -> dict[str, Any]:
         try:
@@ -187,11 +222,13 @@ class Trainer:
         self.model.train()
         n_params = sum(p.numel() for p in self.model.parameters())
         n_extra = sum(p.numel() for p in self.objective.parameters())
-        bar = tqdm(total=t.steps, initial=self.start_step, disable=not t.progress, dynamic_ncols=True,
+        main = self.par.is_main
+        bar = tqdm(total=t.steps, initial=self.start_step, disable=not (t.progress and main), dynamic_ncols=True,
                    desc=self.cfg.run_name, mininterval=1.0, file=sys.stderr)
-        say = bar.write if t.progress else print
+        say = (bar.write if t.progress else print) if main else (lambda _: None)
+        where = f"{self.par.world} x {self.par.mode} " if self.par.mode != "none" else ""
         say(f"[nextlat] {self.cfg.run_name}: {self.cfg.objective.name} on {self.cfg.task.name}, "
-            f"{n_params / 1e6:.2f}M backbone + {n_extra / 1e6:.2f}M objective params, device {self.device}, "
+            f"{n_params / 1e6:.2f}M backbone + {n_extra / 1e6:.2f}M objective params, device {where}{self.device}, "
             f"steps {self.start_step}->{t.steps}, out {self.out}")
         last_eval: dict[str, Any] = {}
         window_tokens, window_start = 0, time.perf_counter()
@@ -204,49 +241,60 @@ class Trainer:
                 elapsed = time.perf_counter() - window_start
                 metrics["tok_per_s"] = window_tokens / max(elapsed, 1e-9)
                 window_tokens, window_start = 0, time.perf_counter()
-                self.log.write({"step": done, "kind": "train", **metrics})
+                if main:
+                    self.log.write({"step": done, "kind": "train", **metrics})
                 bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k not in ("lr", "grad_norm")})
                 if not t.progress:
                     say(f"step {done}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
             if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
                 last_eval = self.evaluate()
-                self.log.write({"step": done, "kind": "eval", **last_eval})
+                if main:
+                    self.log.write({"step": done, "kind": "eval", **last_eval})
                 say(f"[eval step {done}] " + " ".join(f"{k}={v:.4f}" for k, v in last_eval.items()))
                 window_start = time.perf_counter()  # evaluation time does not count as training throughput
             if (t.ckpt_every and done % t.ckpt_every == 0) or done == t.steps:
                 self.save(done, {**metrics, **last_eval})
         bar.close()
-        if not last_eval:  # no step ran (a finished run was resumed): evaluate the final weights again
+        if self.start_step >= t.steps:  # no step ran (a finished run was resumed): evaluate the final weights again
             last_eval = self.evaluate()
         results = {"run_name": self.cfg.run_name, "step": t.steps, "objective": self.cfg.objective.name,
                    "seed": t.seed, "eval": last_eval}
-        atomic_write_text(self.out / "results.json", json.dumps(results, indent=2))
+        if main:
+            atomic_write_text(self.out / "results.json", json.dumps(results, indent=2))
+        self.par.barrier()  # the other ranks wait for rank 0's results
         return results
 
 
 def optimizer_step(model: Transformer, objective: Objective, optimizer: torch.optim.Optimizer, batch: Batch,
-                   t: TrainConfig, device: torch.device) -> dict[str, float]:
-    """One optimizer step on ``batch`` split into ``t.grad_accum`` micro-batches; returns loss metrics."""
+                   t: TrainConfig, device: torch.device, par: Parallel | None = None) -> dict[str, float]:
+    """One optimizer step on ``batch`` (this process's slice of the global batch under ``par``) split into
+    ``t.grad_accum`` micro-batches; returns the global batch's loss metrics."""
+    par = par or Parallel.local(model, objective, device)
     micro = batch.split(t.grad_accum)
-    # Counts over the whole step, so every term is an exact mean over its valid elements.
-    counts = objective.total_counts(micro)
+    # Counts over the whole step and every process, so every term is an exact mean over its valid elements.
+    counts = par.global_counts(objective.total_counts(micro))
     sums: dict[str, float] = {}
     total = 0.0
-    for mb in micro:
-        with autocast_context(device, t.precision):
-            out = objective(model, mb)
-            loss = out.loss(counts)
-        loss.backward()
+    for i, mb in enumerate(micro):
+        with par.sync_grads(i == len(micro) - 1):
+            with autocast_context(device, t.precision):
+                out = par.step(mb)
+                loss = out.loss(counts)
+            # DDP and FSDP average the processes' gradients; the global loss is their sum.
+            (loss * par.world if par.world > 1 else loss).backward()
         total += loss.item()
         for name, term in out.terms.items():
             sums[name] = sums.get(name, 0.0) + term.sum.item()
+    if par.mode != "none":
+        values = par.all_reduce(torch.tensor([total, *sums.values()], dtype=torch.float64, device=par.device))
+        total, sums = values[0].item(), dict(zip(sums, values[1:].tolist()))
     metrics = {"loss": total, **mean_parts(sums, counts)}
     if t.grad_clip > 0:
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, t.grad_clip).item()
+        metrics["grad_norm"] = clip_grad_norm(params, t.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    metrics["tokens"] = batch.num_tokens
+    metrics["tokens"] = batch.num_tokens * par.world
     return metrics
 
 

@@ -12,7 +12,8 @@ from nextlat.config import TrainConfig
 
 def build_optimizer(modules: dict[str, nn.Module], cfg: TrainConfig) -> torch.optim.AdamW:
     """Weight decay on every parameter with two or more dimensions (matrices, embeddings); none on
-    norm scales or other vectors. Parameters are ordered by name so optimizer state maps to names."""
+    norm scales or other vectors. Parameters are ordered by name so optimizer state maps to names. The fused
+    AdamW kernel is used when the parameters live on CUDA."""
     decay, no_decay = [], []
     for _, p in named_parameters(modules):
         if p.requires_grad:
@@ -21,7 +22,8 @@ def build_optimizer(modules: dict[str, nn.Module], cfg: TrainConfig) -> torch.op
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    fused = bool(decay or no_decay) and (decay or no_decay)[0].device.type == "cuda"  # the fused kernel on CUDA
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None)
 
 
 def named_parameters(modules: dict[str, nn.Module]) -> list[tuple[str, nn.Parameter]]:

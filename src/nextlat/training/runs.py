@@ -18,7 +18,9 @@ from nextlat.config import Config, ConfigError
 from nextlat.training.checkpoint import CheckpointError, atomic_write_text, list_checkpoints
 
 # Settings that may change when a run is resumed (they do not affect the trained weights).
-RESUMABLE_CHANGES = {"steps", "progress", "log_every", "eval_every", "ckpt_every", "keep_checkpoints", "threads"}
+# parallel and compile change only the rounding of sums, not what is computed.
+RESUMABLE_CHANGES = {"steps", "progress", "log_every", "eval_every", "ckpt_every", "keep_checkpoints", "threads",
+                     "parallel", "dist_timeout", "compile"}
 
 
 class MetricsLog:
