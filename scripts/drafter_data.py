@@ -34,15 +34,15 @@ def _write_jsonl(path: Path, texts: list[str]) -> None:
     path.write_text("".join(json.dumps(t) + "\n" for t in texts), encoding="utf-8")
 
 
-def stories(out: Path) -> None:
+def stories(out: Path, fit_chars: int = 160_000) -> None:
     text = STORIES.read_text(encoding="utf-8")
     cut = text.index("\n\n", int(len(text) * 0.85))
-    (out / "stories_fit.txt").write_text(text[:cut], encoding="utf-8")
+    (out / "stories_fit.txt").write_text(text[: min(cut, fit_chars)], encoding="utf-8")
     starts = [p for p in text[cut:].split("\n\n") if len(p) > 300]
     _write_jsonl(out / "stories_test.jsonl", [p[: p.index(" ", 160)] for p in starts[:N_PROMPTS]])
 
 
-def code(out: Path, fit_chars: int = 1_500_000) -> None:
+def code(out: Path, fit_chars: int = 160_000) -> None:
     files = sorted(p for p in Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
     held = [p for p in files if int(hashlib.sha256(p.name.encode()).hexdigest(), 16) % 5 == 0]
     fit = [p for p in files if p not in held]
