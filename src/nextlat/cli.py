@@ -7,10 +7,12 @@ import json
 import math
 import os
 import sys
+import time
 
 from nextlat import __version__
 
 DEFAULT_RECIPE = "pathstar-demo"
+DEFAULT_GAMMA = 4  # draft length of generate --speculative and of bench-decode with a fitted drafter
 
 
 def _count(low: int):
@@ -89,10 +91,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from nextlat.decoding.budget import draft_room, new_token_budget
     from nextlat.decoding.engine import decode, speculative_decode
     from nextlat.decoding.sampling import Sampling
-    from nextlat.registry import build_drafter
+    from nextlat.interop.hf import run_folder
     from nextlat.training.build import load_components, resolve_device
+    from nextlat.training.drafter import resolve_drafter
 
     device = resolve_device(args.device)
+    args.checkpoint = run_folder(args.checkpoint)
     comps, _ = load_components(args.checkpoint, device)
     model, objective = comps.model.eval(), comps.objective.eval()
     tok = comps.task.tokenizer
@@ -115,7 +119,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     # An objective with its own text head (BST) decodes through it; the others through the LM head.
     head = objective.decoding_head(model) if hasattr(objective, "decoding_head") else None
     if speculative:
-        drafter = build_drafter(args.drafter, model, objective)
+        drafter = resolve_drafter(args.drafter, model, objective)
         res = speculative_decode(model, drafter, [prompt], max_new, gamma=args.gamma,
                                  adaptive=args.adaptive, sampling=sampling, generator=g, stop_id=tok.eos_id, head=head)
         st = res.stats
@@ -218,7 +222,15 @@ def _cmd_fetch_smollm2(args: argparse.Namespace) -> int:
 def _cmd_bench_decode(args: argparse.Namespace) -> int:
     from nextlat.bench.decode import bench_decode
     from nextlat.bench.hf import bench_vs_transformers, from_hf
+    from nextlat.interop.hf import run_folder
+    from nextlat.training.drafter import is_drafter_folder
 
+    args.checkpoint = run_folder(args.checkpoint)
+    if args.drafter is not None and is_drafter_folder(args.drafter) and from_hf(args.checkpoint):
+        _bench_fitted_drafter(args)
+        return 0
+    if args.prompt_file:
+        raise ValueError("--prompt-file applies to an imported model with a fitted --drafter folder")
     if args.vs_transformers or from_hf(args.checkpoint):
         bench_vs_transformers(args.checkpoint, n_prompts=args.prompts, prompt_len=args.prompt_len,
                               max_new_tokens=args.max_new_tokens, repeats=args.repeats, threads=args.threads,
@@ -230,6 +242,92 @@ def _cmd_bench_decode(args: argparse.Namespace) -> int:
                  paper_protocol=not args.no_paper, temperature=args.temperature,
                  stop_at_eos=not args.ignore_eos, device=args.device, drafter=args.drafter,
                  json_out=args.json)
+    return 0
+
+
+def _bench_fitted_drafter(args: argparse.Namespace) -> None:
+    import torch
+
+    from nextlat.bench.hf import bench_drafter_vs_transformers
+    from nextlat.training.build import load_components
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    if args.prompt_file:
+        tok = load_components(args.checkpoint, "cpu")[0].task.tokenizer
+        prompts = [torch.tensor(ids) for ids in _prompt_ids(args.checkpoint, tok, _read_prompts(args.prompt_file),
+                                                             args.chat)][: args.prompts]
+    else:
+        prompts = load_components(args.checkpoint, "cpu")[0].task.prompts(args.prompts, args.prompt_len, seed=0)
+    for temperature in args.temperatures:
+        bench_drafter_vs_transformers(args.checkpoint, args.drafter, prompts, max_new_tokens=args.max_new_tokens or 128,
+                                      temperature=temperature, gamma=args.gamma, adaptive=args.adaptive_threshold,
+                                      repeats=args.repeats, label=args.label or str(args.prompt_file or "task prompts"),
+                                      json_out=args.json and args.json.replace(".json", f"-T{temperature:g}.json"))
+
+
+def _read_prompts(path: str) -> list[str]:
+    """Prompts of a file: one JSON string per line (.jsonl), or one plain line each."""
+    from pathlib import Path
+
+    lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [json.loads(line) for line in lines] if path.endswith(".jsonl") else lines
+
+
+def _prompt_ids(checkpoint, tok, texts: list[str], chat: bool) -> list[list[int]]:
+    """Token ids of prompts, each wrapped as a user message in the model's chat template with ``chat``."""
+    if not chat:
+        return [tok.encode(t) for t in texts]
+    from nextlat.interop.hf import chat_prompt
+    from nextlat.training.checkpoint import resolve_checkpoint
+
+    return [tok.encode(chat_prompt(resolve_checkpoint(checkpoint), t), special=True) for t in texts]
+
+
+def _cmd_fit_drafter(args: argparse.Namespace) -> int:
+    import hashlib
+    from pathlib import Path
+
+    import torch
+
+    from nextlat.config import cache_home
+    from nextlat.interop.hf import run_folder
+    from nextlat.training.build import load_components, resolve_device
+    from nextlat.training.drafter import fit_drafter, self_distill, text_documents
+
+    if not args.text and not args.self_distill:
+        raise ValueError("nothing to fit on: give --text FILE... and/or --self-distill N")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    run = run_folder(args.model)
+    comps, _ = load_components(run, resolve_device(args.device))
+    model, tok = comps.model.eval(), comps.task.tokenizer
+    docs = text_documents(args.text, tok.encode, args.max_tokens, args.seed) if args.text else []
+    info = {"model": str(args.model), "text": [str(t) for t in args.text], "text_documents": len(docs)}
+    if args.self_distill:
+        if args.prompt_file:
+            prompts = _prompt_ids(run, tok, _read_prompts(args.prompt_file), args.chat)
+        elif docs:
+            prompts = [d[: args.prompt_len] for d in docs]
+        else:
+            raise ValueError("--self-distill needs prompts: --prompt-file FILE or --text to take prompts from")
+        prompts = [p for p in prompts if p][: args.self_distill]
+        t0 = time.perf_counter()
+        docs += self_distill(model, prompts, args.distill_tokens, temperature=args.distill_temperature,
+                             stop_id=tok.eos_id, batch_size=args.distill_batch, seed=args.seed)
+        info.update(self_distill=len(prompts), distill_tokens=args.distill_tokens,
+                    distill_temperature=args.distill_temperature, distill_seconds=time.perf_counter() - t0)
+    out = Path(args.out)
+    cache = Path(args.cache) if args.cache else \
+        cache_home() / "hidden" / hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:16]
+    t0 = time.perf_counter()
+    report = fit_drafter(model, docs, out, cache_dir=cache, window=args.window, cache_dtype=args.cache_dtype,
+                         draft_vocab=args.draft_vocab, horizon=args.horizon, steps=args.steps,
+                         batch_size=args.batch_size, lr=args.lr, seed=args.seed, info=info)
+    print(json.dumps({k: report[k] for k in ("fitting_tokens", "cache_tokens_per_s", "steps_per_s", "fit_seconds",
+                                             "draft_vocab", "draft_vocab_coverage", "loss_first", "loss_last")}, indent=2))
+    print(f"drafter {out} ({time.perf_counter() - t0:.0f} s; hidden states cached in {cache}, safe to delete)",
+          file=sys.stderr)
     return 0
 
 
@@ -275,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_cmd_eval)
 
     g = sub.add_parser("generate", help="continue a prompt with a checkpoint")
-    g.add_argument("checkpoint", help="checkpoint folder or run folder (newest checkpoint)")
+    g.add_argument("checkpoint", help="checkpoint folder, run folder (newest checkpoint) or Hugging Face folder")
     g.add_argument("--prompt", required=True, help="prompt text in the task's tokenizer")
     g.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the model's chat template "
                    "(an imported model's tokenizer_config.json; needs jinja2)")
@@ -286,9 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=_real(0, 1, low_open=True), default=1.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--speculative", action="store_true", help="self-speculative decoding with the objective's drafter")
-    g.add_argument("--drafter", metavar="NAME", help=f"speculative decoding with this drafter ({_drafter_names()}); "
-                   "default with --speculative: the objective's own")
-    g.add_argument("--gamma", type=_count(1), default=4, help="draft length (the cap when --adaptive is set)")
+    g.add_argument("--drafter", metavar="NAME_OR_DIR", help=f"speculative decoding with this drafter "
+                   f"({_drafter_names()}, or a folder made by fit-drafter); default with --speculative: the objective's own")
+    g.add_argument("--gamma", type=_count(1), default=DEFAULT_GAMMA, help="draft length (the cap when --adaptive is set)")
     g.add_argument("--adaptive", type=_real(0, 1, high_open=True), default=None, metavar="THRESHOLD",
                    help="stop drafting when the drafter's top probability falls below THRESHOLD")
     g.add_argument("--device", default="auto")
@@ -306,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=_cmd_bench_train)
 
     d = sub.add_parser("bench-decode", help="speculative vs ordinary decoding of a checkpoint, side by side")
-    d.add_argument("checkpoint", help="checkpoint folder or run folder (newest checkpoint)")
+    d.add_argument("checkpoint", help="checkpoint folder, run folder (newest checkpoint) or Hugging Face folder")
     d.add_argument("--prompts", type=_count(1), default=8, help="number of held-out prompts from the task")
     d.add_argument("--prompt-len", type=_count(1), default=64, help="prompt length in tokens (where the task allows)")
     d.add_argument("--max-new-tokens", type=_count(1), default=None,
@@ -315,7 +413,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--adaptive", nargs="*", type=_real(0, 1, high_open=True), default=[0.5],
                    help="adaptive drafting thresholds on the drafter's top probability")
     d.add_argument("--max-gamma", type=_count(1), default=10, help="draft cap for adaptive drafting")
-    d.add_argument("--drafter", metavar="NAME", help=f"drafter ({_drafter_names()}; default: the objective's own)")
+    d.add_argument("--drafter", metavar="NAME_OR_DIR", help=f"drafter ({_drafter_names()}; default: the objective's "
+                   "own), or a folder made by fit-drafter: then, for an imported model, speculative decoding against "
+                   "transformers generate (plain and prompt lookup) and our plain decoding")
+    d.add_argument("--prompt-file", help="with a fitted drafter: prompts, one per line (.jsonl: one JSON string a line)")
+    d.add_argument("--chat", action="store_true", help="with --prompt-file: wrap each prompt in the chat template")
+    d.add_argument("--temperatures", nargs="+", type=_real(0), default=[0.0],
+                   help="with a fitted drafter: sampling temperatures to measure (0 = greedy)")
+    d.add_argument("--gamma", type=_count(1), default=DEFAULT_GAMMA, help="with a fitted drafter: draft length")
+    d.add_argument("--adaptive-threshold", type=_real(0, 1, high_open=True), default=None,
+                   help="with a fitted drafter: adaptive drafting threshold (default: static --gamma)")
+    d.add_argument("--label", help="with a fitted drafter: a name for this prompt set in the report")
     d.add_argument("--batch-size", type=_count(1), default=1)
     d.add_argument("--repeats", type=_count(1), default=3)
     d.add_argument("--temperature", type=_real(0), default=0.0, help="0 = greedy (outputs checked against the baseline)")
@@ -327,6 +435,36 @@ def build_parser() -> argparse.ArgumentParser:
                    "transformers' generate on the same weights (greedy, batch 1; the default for an imported model)")
     d.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     d.set_defaults(func=_cmd_bench_decode)
+
+    fd = sub.add_parser("fit-drafter", help="fit a NextLat drafter (p_psi) to a frozen model: hidden states cached "
+                        "once, then p_psi trained on them; writes a drafter folder for generate/bench-decode --drafter")
+    fd.add_argument("model", help="run or checkpoint folder, or a Hugging Face folder (imported once, cached)")
+    fd.add_argument("--text", nargs="+", default=[], metavar="FILE", help="fitting text: files, or folders of "
+                    ".txt/.md/.py/.rst files (one document per file)")
+    fd.add_argument("--max-tokens", type=_count(2), default=200_000, help="at most this many tokens of --text")
+    fd.add_argument("--self-distill", type=_count(0), default=0, metavar="N",
+                    help="also fit on the model's own continuations of N prompts (--prompt-file, else starts of --text)")
+    fd.add_argument("--prompt-file", help="self-distillation prompts, one per line (.jsonl: one JSON string a line)")
+    fd.add_argument("--chat", action="store_true", help="wrap each --prompt-file prompt in the chat template")
+    fd.add_argument("--prompt-len", type=_count(1), default=32, help="tokens of a --text document used as a prompt")
+    fd.add_argument("--distill-tokens", type=_count(1), default=128, help="new tokens per self-distilled prompt")
+    fd.add_argument("--distill-temperature", type=_real(0), default=0.0, help="0 = greedy continuations")
+    fd.add_argument("--distill-batch", type=_count(1), default=16, help="prompts decoded at once")
+    fd.add_argument("--out", required=True, help="drafter folder to write")
+    fd.add_argument("--cache", help="hidden-state cache folder (default $NEXTLAT_CACHE/hidden/<hash of --out>); "
+                    "a half-built cache continues")
+    fd.add_argument("--cache-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    fd.add_argument("--window", type=_count(2), default=128, help="tokens per cached window")
+    fd.add_argument("--draft-vocab", type=_count(1), default=8192,
+                    help="the drafter's head: the V' most frequent tokens of the fitting data (FR-Spec)")
+    fd.add_argument("--horizon", type=_count(1), default=4, help="rollout horizon d of the NextLat terms")
+    fd.add_argument("--steps", type=_count(1), default=1000)
+    fd.add_argument("--batch-size", type=_count(1), default=8, help="windows per step")
+    fd.add_argument("--lr", type=_real(0, low_open=True), default=1e-3)
+    fd.add_argument("--seed", type=int, default=0)
+    fd.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    fd.add_argument("--device", default="auto")
+    fd.set_defaults(func=_cmd_fit_drafter)
 
     ih = sub.add_parser("import-hf", help="a Hugging Face Llama folder (safetensors) as a run folder")
     ih.add_argument("hf_dir", help="folder with config.json, model.safetensors (or sharded) and tokenizer.json")

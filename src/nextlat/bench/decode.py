@@ -31,20 +31,21 @@ def bench_decode(checkpoint: str, *, n_prompts: int = 8, prompt_len: int = 64, m
     the baseline and every drafting setting decode the same prompts in interleaved order; the
     speedup of a setting is the median over repeats of baseline time / its time in the same
     repeat. Greedy outputs are checked token for token against the baseline. ``drafter`` names a
-    registered drafter (default: the objective's own). ``max_new_tokens`` None: 64, or fewer where the
+    registered drafter (default: the objective's own) or a folder made by ``nextlat fit-drafter``.
+    ``max_new_tokens`` None: 64, or fewer where the
     model's context holds no more beside the prompts and the longest draft.
     """
     from nextlat.decoding.budget import draft_room, new_token_budget
     from nextlat.decoding.engine import decode, speculative_decode
     from nextlat.decoding.sampling import Sampling
-    from nextlat.registry import build_drafter
     from nextlat.training.build import load_components, resolve_device
+    from nextlat.training.drafter import resolve_drafter
 
     dev = resolve_device(device)
     comps, meta = load_components(checkpoint, dev)
     model, objective = comps.model.eval(), comps.objective.eval()
     drafter_name = drafter
-    drafter = build_drafter(drafter_name, model, objective)
+    drafter = resolve_drafter(drafter_name, model, objective)
     prompts = comps.task.prompts(n_prompts, prompt_len, seed=0)
     room = draft_room(max([*gammas, *([max_gamma] if adaptive else [])], default=0))
     max_new_tokens = new_token_budget(max_new_tokens, max(len(p) for p in prompts), room, model.cfg.max_seq_len,

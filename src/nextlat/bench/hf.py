@@ -145,3 +145,114 @@ def bench_vs_transformers(checkpoint: str, *, n_prompts: int = 8, prompt_len: in
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(json_out).write_text(json.dumps(report, indent=2))
     return report
+
+
+def _sample_theirs(hf, prompt: torch.Tensor, n: int, temperature: float, lookup: int, generator_seed: int) -> list[int]:
+    """``transformers`` generate: greedy (temperature 0) or plain sampling (no top-k / top-p), optionally with prompt
+    lookup decoding (``prompt_lookup_num_tokens``)."""
+    from transformers import GenerationConfig
+
+    sampled = temperature > 0
+    gen = GenerationConfig(max_new_tokens=n, do_sample=sampled, eos_token_id=None, pad_token_id=0,
+                           **({"temperature": temperature, "top_k": 0, "top_p": 1.0} if sampled else {}),
+                           **({"prompt_lookup_num_tokens": lookup} if lookup else {}))
+    if sampled:
+        torch.manual_seed(generator_seed)
+    out = hf.generate(prompt[None], attention_mask=torch.ones_like(prompt[None]), generation_config=gen)
+    return out[0, len(prompt):].tolist()
+
+
+def bench_drafter_vs_transformers(checkpoint: str, drafter_dir: str, prompts: list[torch.Tensor], *,
+                                  max_new_tokens: int = 128, temperature: float = 0.0, gamma: int = 4,
+                                  adaptive: float | None = None, repeats: int = 3, lookup: int = 10,
+                                  label: str = "", json_out: str | None = None) -> dict:
+    """Our speculative decoding with a fitted drafter (``nextlat fit-drafter``) against ``transformers`` generate
+    (plain, and with prompt lookup decoding), and against our own plain decoding, batch 1, in one process on the
+    same threads and prompts. Each repeat decodes every prompt with every method, in an order rotated per prompt;
+    a method's ratio in a repeat is its time / speculative time. All emit ``max_new_tokens`` (no stop token)."""
+    import statistics as st
+
+    from nextlat.decoding.engine import decode, speculative_decode
+    from nextlat.decoding.sampling import Sampling
+    from nextlat.training.build import load_components
+    from nextlat.training.drafter import load_drafter
+
+    comps, meta = load_components(checkpoint, "cpu")
+    model = comps.model.eval()
+    drafter = load_drafter(drafter_dir, model)
+    hf = load_transformers(checkpoint)
+    sampling = Sampling(temperature)
+    spec_stats = []
+
+    def ours_spec(p, seed):
+        res = speculative_decode(model, drafter, [p], max_new_tokens, gamma=gamma, adaptive=adaptive, sampling=sampling,
+                                 generator=torch.Generator().manual_seed(seed))
+        spec_stats.append(res.stats)
+        return res.tokens[0]
+
+    methods = {
+        "speculative": ours_spec,
+        "nextlat": lambda p, seed: decode(model, [p], max_new_tokens, sampling=sampling,
+                                          generator=torch.Generator().manual_seed(seed)).tokens[0],
+        "transformers": lambda p, seed: _sample_theirs(hf, p, max_new_tokens, temperature, 0, seed),
+        "transformers_lookup": lambda p, seed: _sample_theirs(hf, p, max_new_tokens, temperature, lookup, seed),
+    }
+    names = list(methods)
+    with torch.no_grad():
+        for name in names:  # warm-up
+            methods[name](prompts[0], 0)
+        spec_stats.clear()
+        times = {n: [] for n in names}
+        outputs = {n: [] for n in names}
+        for r in range(repeats):
+            spent = dict.fromkeys(names, 0.0)
+            for i, p in enumerate(prompts):
+                k = (r + i) % len(names)
+                for name in names[k:] + names[:k]:
+                    t0 = time.perf_counter()
+                    out = methods[name](p, 1000 * r + i)
+                    spent[name] += time.perf_counter() - t0
+                    if r == 0:
+                        outputs[name].append(out)
+            for name in names:
+                times[name].append(spent[name])
+    rounds = sum(s.rounds for s in spec_stats)
+    tries = [sum(s.position_tries[j] for s in spec_stats) for j in range(len(spec_stats[0].position_tries))]
+    accs = [sum(s.position_accepts[j] for s in spec_stats) for j in range(len(tries))]
+    drafted = sum(s.drafted for s in spec_stats)
+    draft_s, verify_s = sum(s.draft_time_s for s in spec_stats), sum(s.verify_time_s for s in spec_stats)
+    tokens = len(prompts) * max_new_tokens
+    plain_step_s = st.median(times["nextlat"]) / tokens  # our plain decoding: one target pass per token
+    report = {
+        "label": label, "checkpoint": str(checkpoint), "drafter": str(drafter_dir), "step": meta["step"],
+        "threads": torch.get_num_threads(), "batch_size": 1, "prompts": len(prompts),
+        "prompt_len": [len(p) for p in prompts], "max_new_tokens": max_new_tokens, "repeats": repeats,
+        "temperature": temperature, "gamma": gamma, "adaptive": adaptive, "prompt_lookup_num_tokens": lookup,
+        "tokens_per_s": {n: tokens / st.median(times[n]) for n in names},
+        "speedup": {n: {"median": st.median(b / a for a, b in zip(times["speculative"], times[n])),
+                        "min": min(b / a for a, b in zip(times["speculative"], times[n])),
+                        "max": max(b / a for a, b in zip(times["speculative"], times[n]))}
+                    for n in names[1:]},
+        "accepted_per_round": sum(s.accepted for s in spec_stats) / rounds,
+        "acceptance_by_slot": [a / t if t else None for a, t in zip(accs, tries)],
+        "draft_time_s": draft_s / repeats, "verify_time_s": verify_s / repeats,
+        "draft_step_ms": 1e3 * draft_s / drafted, "verify_pass_ms": 1e3 * verify_s / rounds,
+        "plain_step_ms": 1e3 * plain_step_s, "draft_step_over_target_step": draft_s / drafted / plain_step_s,
+    }
+    if temperature == 0:
+        report["identical_to_nextlat_greedy"] = outputs["speculative"] == outputs["nextlat"]
+        report["identical_to_transformers_greedy"] = sum(a == b for a, b in zip(outputs["speculative"],
+                                                                              outputs["transformers"])) / len(prompts)
+    sp = report["speedup"]
+    print(f"{label}: {len(prompts)} prompts x {max_new_tokens} tokens, T={temperature}, gamma={gamma}, adaptive="
+          f"{adaptive}, {repeats} repeats, {report['threads']} threads")
+    print("  speculative over " + ", ".join(f"{n} {v['median']:.2f}x [{v['min']:.2f}, {v['max']:.2f}]"
+                                            for n, v in sp.items()))
+    print(f"  accepted/round {report['accepted_per_round']:.2f}, by slot "
+          f"{[round(a, 2) if a is not None else None for a in report['acceptance_by_slot']]}, draft step "
+          f"{report['draft_step_ms']:.2f} ms ({report['draft_step_over_target_step']:.3f} of a target step), verify "
+          f"pass {report['verify_pass_ms']:.1f} ms; identical {report.get('identical_to_nextlat_greedy', 'n/a')}")
+    if json_out:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(json.dumps(report, indent=2))
+    return report

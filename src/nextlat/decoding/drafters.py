@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from nextlat.model import KVCache, LayerContext, Transformer
@@ -46,22 +47,31 @@ class Drafter:
 class NextLatDrafter(Drafter):
     """Drafts with NextLat's latent dynamics (arXiv 2511.05963): h^ <- p_psi(h^, E(x)), x <- head(h^).
 
-    It can roll past its training horizon, so the draft length is not capped.
+    It can roll past its training horizon, so the draft length is not capped. With ``vocab`` (V',) token ids
+    the head is only those rows of the LM head (a draft vocabulary, FR-Spec, arXiv 2502.14856): the logits of
+    every other token are -inf, so drafts come from the slice and a sampled draft's q is zero outside it.
+    Verification keeps the full head, so greedy output and the sampled distribution are unchanged.
     """
 
-    def __init__(self, model: Transformer, objective: torch.nn.Module):
+    def __init__(self, model: Transformer, objective: torch.nn.Module, vocab: Tensor | None = None):
         dynamics = getattr(objective, "dynamics", None)
         if dynamics is None:
             raise ValueError(f"drafter 'next_latent' needs latent dynamics (objective.dynamics, trained by the "
                              f"next_latent objective); {type(objective).__name__} has none")
         self.model, self.dynamics = model, dynamics
+        self.vocab = vocab
+        self.head_w = None if vocab is None else model.lm_head.weight.detach()[vocab].contiguous()  # (V', D)
 
     def begin(self, h: Tensor, index: Tensor) -> Tensor:
         return h
 
     def propose(self, state: Tensor, token: Tensor) -> tuple[Tensor, Tensor]:
         h = self.dynamics(state, self.model.embed_tokens(token))  # (B, D)
-        return self.model.logits(h), h
+        if self.vocab is None:
+            return self.model.logits(h), h
+        small = F.linear(h, self.head_w)  # (B, V')
+        full = small.new_full((len(h), self.model.lm_head.weight.shape[0]), float("-inf"))
+        return full.index_copy_(1, self.vocab, small), h
 
 
 class MTPDrafter(Drafter):

@@ -283,6 +283,29 @@ def export_hf(run: str | Path, out: str | Path) -> Path:
     return out
 
 
+def is_hf_folder(path: str | Path) -> bool:
+    """A Hugging Face folder (config.json and weights) rather than a run or checkpoint folder."""
+    path = Path(path)
+    return (path / "config.json").is_file() and not (path / "meta.json").is_file() and \
+        not (path / "checkpoints").is_dir()
+
+
+def run_folder(path: str | Path) -> Path:
+    """``path`` itself for a run or checkpoint folder; for a Hugging Face folder, its import (made once, cached in
+    ``<cache>/imported/<name>-<hash of config.json>``)."""
+    path = Path(path)
+    if not is_hf_folder(path):
+        return path
+    import hashlib
+
+    digest = hashlib.sha256((path / "config.json").read_bytes()).hexdigest()[:12]
+    out = cache_home() / "imported" / f"{path.resolve().name}-{digest}"
+    if not (out / "checkpoints").is_dir():
+        shutil.rmtree(out, ignore_errors=True)  # an interrupted import (its checkpoint is written atomically)
+        import_hf(path, out)
+    return out
+
+
 # ----------------------------------------------------------------------------- chat prompts
 
 

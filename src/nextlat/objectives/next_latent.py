@@ -102,15 +102,25 @@ class NextLatent(Objective):
         scored = batch.targets != IGNORE  # (B, T)
         logits = model.logits(h[scored])  # (N, V): the LM head only where a token is scored (as head_ce)
         terms = {"ce": ce_term(logits, batch.targets[scored])}
-        lam_h, lam_kl, d = self.cfg.lambda_h, self.cfg.lambda_kl, self.cfg.horizon
-        if lam_h == 0 and lam_kl == 0:
+        if self.cfg.lambda_h == 0 and self.cfg.lambda_kl == 0:
             return LossOutput(terms)  # exactly the next-token loss
+        terms.update(self.latent_terms(h, emb, batch, logits, model.lm_head.weight.detach()))
+        return LossOutput(terms)
 
+    def latent_terms(self, h: Tensor, emb: Tensor, batch: Batch, logits: Tensor, head_w: Tensor) -> dict[str, LossTerm]:
+        """The rollout's ``next_h@i`` and ``kl@i`` terms from hidden states h (B, T, D), input embeddings emb
+        (B, T, D) and the teacher's logits (N, V') at the scored positions of ``batch``.
+
+        ``head_w`` (V', D) is the head the KL reads through (the LM head's weight, detached); a drafter fitted to
+        a frozen model (:mod:`nextlat.training.drafter`) passes cached states and a slice of the head's rows.
+        """
+        lam_h, lam_kl, d = self.cfg.lambda_h, self.cfg.lambda_kl, self.cfg.horizon
+        terms: dict[str, LossTerm] = {}
+        scored = batch.targets != IGNORE  # (B, T)
         T = h.shape[1]
         target_h = h.detach()  # stop-gradient targets
-        head_w = model.lm_head.weight.detach()  # the KL must not train the LM head
         if lam_kl > 0:
-            teacher_logp = F.log_softmax(  # (N, V)
+            teacher_logp = F.log_softmax(  # (N, V')
                 logits.detach().to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
             # row of teacher_logp holding each scored position (B, T); KL destinations are always scored
             row = torch.full(scored.shape, -1, dtype=torch.long, device=h.device)
@@ -129,9 +139,9 @@ class NextLatent(Objective):
                     (l1 * m).sum(), latent_mask.sum() * h.shape[-1], lam_h / d
                 )
             if lam_kl > 0:
-                student = F.linear(h_hat[kl_mask], head_w)  # (M, V)
+                student = F.linear(h_hat[kl_mask], head_w)  # (M, V')
                 student_logp = F.log_softmax(student.to(torch.promote_types(student.dtype, torch.float32)), dim=-1)
-                teacher = teacher_logp[row[:, i:][kl_mask]]  # (M, V)
+                teacher = teacher_logp[row[:, i:][kl_mask]]  # (M, V')
                 kl = (teacher.exp() * (teacher - student_logp)).sum()  # forward KL(p || q), summed
                 terms[f"kl@{i}"] = LossTerm(kl, kl_mask.sum(), lam_kl / d)
-        return LossOutput(terms)
+        return terms
