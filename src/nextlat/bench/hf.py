@@ -153,7 +153,9 @@ def _sample_theirs(hf, prompt: torch.Tensor, n: int, temperature: float, lookup:
     from transformers import GenerationConfig
 
     sampled = temperature > 0
-    gen = GenerationConfig(max_new_tokens=n, do_sample=sampled, eos_token_id=None, pad_token_id=0,
+    # Prompt lookup needs a stop token: one past the vocabulary, never generated.
+    gen = GenerationConfig(max_new_tokens=n, do_sample=sampled, eos_token_id=hf.config.vocab_size if lookup else None,
+                           pad_token_id=0,
                            **({"temperature": temperature, "top_k": 0, "top_p": 1.0} if sampled else {}),
                            **({"prompt_lookup_num_tokens": lookup} if lookup else {}))
     if sampled:
