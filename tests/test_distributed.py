@@ -67,7 +67,15 @@ def worker(rank: int, world: int, port: int, cfg, out: str, resume: bool, fail_a
 
 
 def spawn(cfg, out: Path, *, resume: bool = False, fail_at: int | None = None, hang: bool = False) -> None:
-    mp.spawn(worker, args=(WORLD, free_port(), cfg, str(out), resume, fail_at, hang), nprocs=WORLD, join=True)
+    """Run the processes; a free port can be taken by another process before rank 0 binds it, so a run that
+    fails with EADDRINUSE (and only that) is tried again on another port."""
+    for attempt in range(3):
+        try:
+            mp.spawn(worker, args=(WORLD, free_port(), cfg, str(out), resume, fail_at, hang), nprocs=WORLD, join=True)
+            return
+        except mp.ProcessRaisedException as e:
+            if "Address already in use" not in str(e) or attempt == 2:
+                raise
 
 
 def one_process(cfg, out: Path, monkeypatch, resume: bool = False) -> None:
