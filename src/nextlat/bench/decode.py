@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
+from nextlat.bench import spread, write_json
 from nextlat.bench.train import _sync
+from nextlat.decoding.stats import DecodeStats
 
 
 def _time(fn, device: torch.device, *args, **kwargs):
@@ -92,22 +92,22 @@ def bench_decode(checkpoint: str, *, n_prompts: int = 8, prompt_len: int = 64, m
             for name, _, _ in settings:
                 speedups = [tb / ts for tb, ts in zip(times["baseline"], times[name])]
                 st = all_stats[name]
-                rounds = sum(s.rounds for s in st)
-                accepted = sum(s.accepted for s in st)
-                tries = [sum(s.position_tries[j] for s in st) for j in range(len(st[0].position_tries))]
-                accs = [sum(s.position_accepts[j] for s in st) for j in range(len(tries))]
+                total = DecodeStats.total(st)
+                rounds, accepted = total.rounds, total.accepted
+                speedup_median, speedup_min, speedup_max = spread(speedups)
                 rows.append({
                     "setting": name,
                     "time_s_median": statistics.median(times[name]),
                     "tokens_per_s": sum(len(o) for o in outputs[name]) / statistics.median(times[name]),
-                    "speedup_median": statistics.median(speedups),
-                    "speedup_min": min(speedups),
-                    "speedup_max": max(speedups),
+                    "speedup_median": speedup_median,
+                    "speedup_min": speedup_min,
+                    "speedup_max": speedup_max,
                     "accepted_per_round": accepted / rounds if rounds else None,
                     "tokens_per_pass": (accepted + rounds) / rounds if rounds else 1.0,
-                    "acceptance_by_position": [a / t if t else None for a, t in zip(accs, tries)],
-                    "draft_time_s": sum(s.draft_time_s for s in st),
-                    "verify_time_s": sum(s.verify_time_s for s in st),
+                    "acceptance_by_position": [a / t if t else None
+                                               for a, t in zip(total.position_accepts, total.position_tries)],
+                    "draft_time_s": total.draft_time_s,
+                    "verify_time_s": total.verify_time_s,
                     "identical_to_baseline": outputs[name] == outputs["baseline"] if temperature == 0 else None,
                     "new_tokens": sum(len(o) for o in outputs[name]),
                 })
@@ -123,6 +123,5 @@ def bench_decode(checkpoint: str, *, n_prompts: int = 8, prompt_len: int = 64, m
                       f"[{row['speedup_min']:.2f}, {row['speedup_max']:.2f}] {acc:>15s} {row['tokens_per_pass']:9.2f} "
                       f"{row['draft_time_s']:8.3f} {row['verify_time_s']:9.3f} {ident:>9s}")
     if json_out:
-        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_out).write_text(json.dumps(report, indent=2))
+        write_json(report, json_out)
     return report

@@ -6,7 +6,6 @@ with ``LlamaForCausalLM.from_pretrained``, so the comparison also checks the exp
 
 from __future__ import annotations
 
-import json
 import statistics
 import tempfile
 import time
@@ -14,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from nextlat.bench import spread, write_json
+from nextlat.decoding.stats import DecodeStats
 from nextlat.training.checkpoint import resolve_checkpoint
 
 
@@ -129,7 +130,7 @@ def bench_vs_transformers(checkpoint: str, *, n_prompts: int = 8, prompt_len: in
         "checkpoint": str(checkpoint), "step": meta["step"], "threads": torch.get_num_threads(), "batch_size": 1,
         "prompts": len(prompts), "prompt_len": prompt_len, "max_new_tokens": max_new_tokens, "repeats": repeats,
         "ours_tokens_per_s": tokens / statistics.median(ours_t), "theirs_tokens_per_s": tokens / statistics.median(theirs_t),
-        "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+        **dict(zip(("ratio_median", "ratio_min", "ratio_max"), spread(ratios))),
         "identical_share": sum(c["identical"] for c in compared) / len(compared), "outputs": compared,
     }
     print(f"greedy decoding, batch 1, {len(prompts)} prompts x {max_new_tokens} new tokens, {repeats} repeats, "
@@ -142,8 +143,7 @@ def bench_vs_transformers(checkpoint: str, *, n_prompts: int = 8, prompt_len: in
         if not c["identical"]:
             print(f"  prompt {i}: first difference at new token {c['first_difference']}, our margin {c['margin']:.3g}")
     if json_out:
-        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_out).write_text(json.dumps(report, indent=2))
+        write_json(report, json_out)
     return report
 
 
@@ -172,7 +172,6 @@ def bench_drafter_vs_transformers(checkpoint: str, drafter_dir: str, prompts: li
     (plain, and with prompt lookup decoding), and against our own plain decoding, batch 1, in one process on the
     same threads and prompts. Each repeat decodes every prompt with every method, in an order rotated per prompt;
     a method's ratio in a repeat is its time / speculative time. All emit ``max_new_tokens`` (no stop token)."""
-    import statistics as st
 
     from nextlat.decoding.engine import decode, speculative_decode
     from nextlat.decoding.sampling import Sampling
@@ -218,24 +217,20 @@ def bench_drafter_vs_transformers(checkpoint: str, drafter_dir: str, prompts: li
                         outputs[name].append(out)
             for name in names:
                 times[name].append(spent[name])
-    rounds = sum(s.rounds for s in spec_stats)
-    tries = [sum(s.position_tries[j] for s in spec_stats) for j in range(len(spec_stats[0].position_tries))]
-    accs = [sum(s.position_accepts[j] for s in spec_stats) for j in range(len(tries))]
-    drafted = sum(s.drafted for s in spec_stats)
-    draft_s, verify_s = sum(s.draft_time_s for s in spec_stats), sum(s.verify_time_s for s in spec_stats)
+    total = DecodeStats.total(spec_stats)
+    rounds, tries, accs, drafted = total.rounds, total.position_tries, total.position_accepts, total.drafted
+    draft_s, verify_s = total.draft_time_s, total.verify_time_s
     tokens = len(prompts) * max_new_tokens
-    plain_step_s = st.median(times["nextlat"]) / tokens  # our plain decoding: one target pass per token
+    plain_step_s = statistics.median(times["nextlat"]) / tokens  # our plain decoding: one target pass per token
     report = {
         "label": label, "checkpoint": str(checkpoint), "drafter": str(drafter_dir), "step": meta["step"],
         "threads": torch.get_num_threads(), "batch_size": 1, "prompts": len(prompts),
         "prompt_len": [len(p) for p in prompts], "max_new_tokens": max_new_tokens, "repeats": repeats,
         "temperature": temperature, "gamma": gamma, "adaptive": adaptive, "prompt_lookup_num_tokens": lookup,
-        "tokens_per_s": {n: tokens / st.median(times[n]) for n in names},
-        "speedup": {n: {"median": st.median(b / a for a, b in zip(times["speculative"], times[n])),
-                        "min": min(b / a for a, b in zip(times["speculative"], times[n])),
-                        "max": max(b / a for a, b in zip(times["speculative"], times[n]))}
+        "tokens_per_s": {n: tokens / statistics.median(times[n]) for n in names},
+        "speedup": {n: dict(zip(("median", "min", "max"), spread(b / a for a, b in zip(times["speculative"], times[n]))))
                     for n in names[1:]},
-        "accepted_per_round": sum(s.accepted for s in spec_stats) / rounds,
+        "accepted_per_round": total.accepted / rounds,
         "acceptance_by_slot": [a / t if t else None for a, t in zip(accs, tries)],
         "draft_time_s": draft_s / repeats, "verify_time_s": verify_s / repeats,
         "draft_step_ms": 1e3 * draft_s / drafted, "verify_pass_ms": 1e3 * verify_s / rounds,
@@ -255,6 +250,5 @@ def bench_drafter_vs_transformers(checkpoint: str, drafter_dir: str, prompts: li
           f"{report['draft_step_ms']:.2f} ms ({report['draft_step_over_target_step']:.3f} of a target step), verify "
           f"pass {report['verify_pass_ms']:.1f} ms; identical {report.get('identical_to_nextlat_greedy', 'n/a')}")
     if json_out:
-        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_out).write_text(json.dumps(report, indent=2))
+        write_json(report, json_out)
     return report

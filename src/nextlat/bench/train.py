@@ -8,13 +8,12 @@ rounds of (variant step time / next-token step time in the same round), with its
 from __future__ import annotations
 
 import dataclasses
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
+from nextlat.bench import spread, write_json
 from nextlat.config import Config, ObjectiveConfig
 from nextlat.registry import OBJECTIVES, load_config, objective_config, objective_settings
 from nextlat.training.build import build, resolve_device
@@ -96,9 +95,7 @@ def bench_train(recipe: str, overrides: list[str] | None = None, *, objectives: 
             "step_s_max": max(r["times"]),
             "steps_per_s": 1 / med,
             "tokens_per_s": tokens / med,
-            "ratio_median": statistics.median(ratios),
-            "ratio_min": min(ratios),
-            "ratio_max": max(ratios),
+            **dict(zip(("ratio_median", "ratio_min", "ratio_max"), spread(ratios))),
             "peak_mem_mib": r["peak_mem"] / 2**20 if device.type == "cuda" else None,
         })
     m = base.model
@@ -114,8 +111,7 @@ def bench_train(recipe: str, overrides: list[str] | None = None, *, objectives: 
               f"{row['steps_per_s']:8.2f} {row['tokens_per_s']:9.0f} "
               f"{row['ratio_median']:10.3f} [{row['ratio_min']:.3f}, {row['ratio_max']:.3f}] {mem:>9s}")
     if json_out:
-        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         meta = {"recipe": recipe, "overrides": overrides or [], "device": str(device), "repeats": repeats,
                 "steps": steps, "threads": torch.get_num_threads(), "config": base.to_dict()}
-        Path(json_out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+        write_json({"meta": meta, "rows": rows}, json_out)
     return rows

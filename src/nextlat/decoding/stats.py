@@ -31,6 +31,18 @@ class DecodeStats:
         """Tokens emitted per row per target forward pass (tau)."""
         return (self.accepted + self.rounds) / max(self.rounds, 1)
 
+    @classmethod
+    def total(cls, stats: list[DecodeStats]) -> DecodeStats:
+        """The counters of several calls added up (slot by slot for the per-slot counts)."""
+        slots = max((len(s.position_tries) for s in stats), default=0)
+        return cls(**{name: sum(getattr(s, name) for s in stats)
+                      for name in ("new_tokens", "forward_passes", "rounds", "drafted", "accepted", "draft_time_s",
+                                   "verify_time_s", "prefill_time_s")},
+                   position_tries=[sum(s.position_tries[j] for s in stats if j < len(s.position_tries))
+                                   for j in range(slots)],
+                   position_accepts=[sum(s.position_accepts[j] for s in stats if j < len(s.position_accepts))
+                                     for j in range(slots)])
+
     def acceptance_by_position(self) -> list[float]:
         return [a / max(t, 1) for a, t in zip(self.position_accepts, self.position_tries)]
 
