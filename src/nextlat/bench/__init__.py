@@ -7,6 +7,14 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+import torch
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on CPU), so that a timer measures it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
 
 def spread(values) -> tuple[float, float, float]:
     """(median, min, max) of repeated measurements, e.g. the per-repeat ratios of two interleaved variants."""

@@ -7,16 +7,15 @@ import time
 
 import torch
 
-from nextlat.bench import spread, write_json
-from nextlat.bench.train import _sync
+from nextlat.bench import spread, sync, write_json
 from nextlat.decoding.stats import DecodeStats
 
 
 def _time(fn, device: torch.device, *args, **kwargs):
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     result = fn(*args, **kwargs)
-    _sync(device)
+    sync(device)
     return time.perf_counter() - t0, result
 
 

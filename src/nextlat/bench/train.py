@@ -13,17 +13,12 @@ import time
 
 import torch
 
-from nextlat.bench import spread, write_json
+from nextlat.bench import spread, sync, write_json
 from nextlat.config import Config, ObjectiveConfig
 from nextlat.registry import OBJECTIVES, load_config, objective_config, objective_settings
 from nextlat.training.build import build, resolve_device
 from nextlat.training.loop import optimizer_step
 from nextlat.training.optim import build_optimizer
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def variant_objective(base: Config, name: str, horizon: int) -> ObjectiveConfig:
@@ -59,11 +54,11 @@ def bench_train(recipe: str, overrides: list[str] | None = None, *, objectives: 
 
     def run_steps(r: dict, n: int) -> float:
         comps = r["comps"]
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         for _ in range(n):
             optimizer_step(comps.model, comps.objective, r["opt"], r["batch"], comps.cfg.train, device)
-        _sync(device)
+        sync(device)
         return (time.perf_counter() - t0) / n
 
     if steps < 1 or repeats < 1 or warmup < 0:
