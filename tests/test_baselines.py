@@ -20,9 +20,9 @@ from nextlat.decoding.drafters import MTPDrafter
 from nextlat.decoding.engine import CachedTarget, decode
 from nextlat.decoding.reference import generate
 from nextlat.decoding.sampling import GREEDY, Sampling
+from nextlat.model import Transformer
 from nextlat.objectives.bst import BeliefState
 from nextlat.objectives.jtp import JointTokenPrediction
-from nextlat.model import Transformer
 from nextlat.objectives.mtp import MultiTokenPrediction
 from nextlat.registry import OBJECTIVES, objective_class, objective_settings
 from nextlat.training.build import build, load_components
@@ -456,8 +456,10 @@ def test_bst_text_head_pairs_equal_the_head_on_each_pair(make_model, make_object
     """The per-state split of the first layer gives what the head computes on each concatenated pair."""
     model, obj = _bst(make_model, make_objective)
     g = torch.Generator().manual_seed(0)
-    f, b = torch.randn(2, 6, 32, generator=g, dtype=torch.float64), torch.randn(2, 5, 32, generator=g, dtype=torch.float64)
-    row, prefix, suffix = torch.tensor([0, 0, 1, 1, 1, 0]), torch.tensor([0, 0, 3, 5, 3, 2]), torch.tensor([1, 4, 0, 4, 2, 1])
+    f = torch.randn(2, 6, 32, generator=g, dtype=torch.float64)
+    b = torch.randn(2, 5, 32, generator=g, dtype=torch.float64)
+    row, prefix = torch.tensor([0, 0, 1, 1, 1, 0]), torch.tensor([0, 0, 3, 5, 3, 2])
+    suffix = torch.tensor([1, 4, 0, 4, 2, 1])  # pairs share states: each is projected once
     got = obj.text_head.pairs(f, b, row, prefix, suffix)
     for p in range(len(row)):
         ref = _text_head_by_hand(obj.text_head, f[row[p], prefix[p]], b[row[p], suffix[p]])

@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from nextlat.config import ConfigError, TaskConfig, cache_home
-from nextlat.decoding.reference import objective_head
 from nextlat.data import IGNORE, Batch, doc_ids_from_eos
+from nextlat.decoding.reference import objective_head
 from nextlat.tasks.base import Task
 
 EOS = "<eos>"
