@@ -308,3 +308,21 @@ def test_rnn_diagnostics_script_runs_on_a_trained_run(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "one-step relative error at positions 2..6" in out and "entries of |g| < 0.05" in out
     assert out.count("RNN, projected") == 2 and "length  10" in out  # both evaluation lengths, both variants
+
+
+def test_jtp_is_evaluated_through_its_fetch_module():
+    """acc@L of a JTP model is the accuracy of its slot-0 next-token head, not of the LM head on h_t."""
+    comps = build(tiny(**{"objective.name": "jtp", "objective.horizon": 1}))
+    model, objective, task = comps.model.double(), comps.objective.double(), comps.task
+    out = task.evaluate(model, objective)
+    head = objective.decoding_head(model)
+    for L in comps.cfg.task.eval_lengths:
+        data = task.test_data(L)
+        batch = data.get(torch.arange(min(len(data), comps.cfg.task.eval_examples)))
+        with torch.no_grad():
+            h = model(batch.input_ids)[0]
+            pred = head(h, batch.input_ids).argmax(-1)
+            assert not torch.equal(pred, model.logits(h).argmax(-1))
+        per_pos = (pred == batch.targets).double().mean(0)
+        assert out[f"acc@{L}"] == pytest.approx(per_pos.mean().item(), rel=1e-12)
+        assert out[f"acc_last@{L}"] == pytest.approx(per_pos[-1].item(), rel=1e-12)

@@ -315,6 +315,29 @@ def test_evaluate_on_untrained_model(objective):
     assert comps.model.training  # restored
 
 
+def test_jtp_decodes_through_its_fetch_module(monkeypatch):
+    """Countdown's evaluation decodes a JTP model through its slot-0 head (``decoding_head``), called with the states
+    and the tokens they were computed at."""
+    from nextlat.decoding.reference import generate
+
+    comps = build(config_from_dict(_tiny_run(**{"objective.name": "jtp"})))
+    model, objective, task = comps.model.eval(), comps.objective, comps.task
+    head, calls = objective.decoding_head(model), []
+
+    def spy(h, ids):
+        calls.append((tuple(h.shape[:-1]), tuple(ids.shape)))
+        return head(h, ids)
+
+    monkeypatch.setattr(objective, "decoding_head", lambda m: spy)
+    prompt = task.test_data().seqs[:4, : task.test_data().prompt_len]
+    got = task._decode(model, objective, prompt)
+    assert calls and all(a == b for a, b in calls)
+    with torch.no_grad():
+        assert torch.equal(got, generate(model, prompt, ANSWER_TOKENS + 1, stop_id=task.tokenizer.eos_id,
+                                         head=head)[:, prompt.shape[1] :])
+    assert set(task.evaluate(model, objective)) == {"solved_id", "solved_ood", "final_eq_valid_id", "final_eq_valid_ood"}
+
+
 def test_next_latent_trains_on_countdown(tmp_path):
     cfg = config_from_dict(_tiny_run(**{"train.steps": 4}))
     results = Trainer(cfg, out_dir=tmp_path).fit()

@@ -525,6 +525,40 @@ def test_transformer_adapter_decodes_like_a_full_forward(make_model, city):
         valid_trajectories(model, g, tok, pairs, max_len=63)
 
 
+def test_transformer_adapter_predicts_through_the_objectives_head(make_model, make_objective, city):
+    """With JTP's slot-0 head, the adapter's teacher-forced logits are that head's, and its KV-cached decoding gives
+    the same logits (float64); the Manhattan task builds its adapter with the objective's head."""
+    g, tok = city
+    model = make_model(vocab_size=tok.vocab_size).double().eval()
+    objective = make_objective(model, name="jtp", horizon=2).double()
+    head = objective.decoding_head(model)
+    lm = TransformerWalkModel(model, head)
+    ids = torch.randint(0, tok.vocab_size, (3, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = lm.score(ids)
+        h, _ = model(ids)
+        torch.testing.assert_close(full, head(h, ids).float())
+        assert not torch.equal(full.argmax(-1), model.logits(h).argmax(-1))
+        step = [lm.start(ids[:, :2])] + [lm.step(ids[:, t]) for t in range(2, 9)]
+    assert torch.allclose(torch.stack(step, 1), full[:, 1:], rtol=2 * torch.finfo(torch.float32).eps, atol=1e-12)
+
+
+def test_manhattan_evaluates_jtp_through_its_fetch_module(monkeypatch):
+    cfg = config_from_dict({**TINY, "objective": {"name": "jtp", "horizon": 2}})
+    from nextlat.training.build import build
+
+    comps = build(cfg)
+    head, calls = comps.objective.decoding_head(comps.model), []
+
+    def spy(h, ids):
+        calls.append((tuple(h.shape[:-1]), tuple(ids.shape)))
+        return head(h, ids)
+
+    monkeypatch.setattr(comps.objective, "decoding_head", lambda m: spy)
+    comps.task.evaluate(comps.model, comps.objective, seed=0)
+    assert len(calls) > 10 and all(a == b for a, b in calls)  # teacher-forced scores and every decoding step
+
+
 TINY = {
     "run_name": "tiny-manhattan",
     "model": {"n_layer": 2, "n_head": 2, "d_model": 32, "max_seq_len": 64},

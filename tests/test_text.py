@@ -333,3 +333,20 @@ def test_trained_checkpoint_generates_without_the_cache_and_eval_names_missing_f
     assert main(["eval", str(run), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert str(path) in err and "does not exist" in err
+
+
+def test_jtp_is_scored_through_its_fetch_module(tmp_path, corpus_file, make_model, make_objective):
+    """The validation loss of a JTP model is the cross-entropy of its slot-0 next-token head."""
+    import torch.nn.functional as F
+
+    task = TextTask(_task_cfg(tmp_path, [corpus_file[0]], eval_tokens=64))
+    model = make_model(vocab_size=task.vocab_size).double()
+    objective = make_objective(model, name="jtp", horizon=2).double()
+    res = task.evaluate(model, objective)
+    batch = task.val_data().get(torch.arange(2))
+    with torch.no_grad():
+        h, _ = model(batch.input_ids, batch.doc_ids)
+        expected = F.cross_entropy(objective.decoding_head(model)(h, batch.input_ids).flatten(0, 1),
+                                   batch.targets.flatten(), ignore_index=IGNORE)
+    assert res["val_loss"] == pytest.approx(expected.item(), rel=1e-7)  # the task takes the logits in float32
+    assert res["val_loss"] != pytest.approx(task.evaluate(model)["val_loss"], rel=1e-4)  # the LM head scores otherwise

@@ -116,8 +116,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     prompt = torch.tensor(ids, device=device)
     g = torch.Generator(device=device).manual_seed(args.seed)
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
-    # An objective with its own text head (BST) decodes through it; the others through the LM head.
-    head = objective.decoding_head(model) if hasattr(objective, "decoding_head") else None
+    # Decoding goes through the objective's next-token head (JTP: its fetch module); BST decodes towards the
+    # suffix [EOS], the one its training pairs always include.
+    if objective.goal_conditioned:
+        head = objective.decoding_head(model, torch.tensor([[tok.eos_id]], device=device))
+    else:
+        head = objective.decoding_head(model)
     if speculative:
         drafter = resolve_drafter(args.drafter, model, objective)
         res = speculative_decode(model, drafter, [prompt], max_new, gamma=args.gamma,

@@ -36,6 +36,7 @@ def bench_decode(checkpoint: str, *, n_prompts: int = 8, prompt_len: int = 64, m
     """
     from nextlat.decoding.budget import draft_room, new_token_budget
     from nextlat.decoding.engine import decode, speculative_decode
+    from nextlat.decoding.reference import objective_head
     from nextlat.decoding.sampling import Sampling
     from nextlat.training.build import load_components, resolve_device
     from nextlat.training.drafter import resolve_drafter
@@ -45,6 +46,7 @@ def bench_decode(checkpoint: str, *, n_prompts: int = 8, prompt_len: int = 64, m
     model, objective = comps.model.eval(), comps.objective.eval()
     drafter_name = drafter
     drafter = resolve_drafter(drafter_name, model, objective)
+    head = objective_head(model, objective)  # the target's next-token head (JTP: its fetch module)
     prompts = comps.task.prompts(n_prompts, prompt_len, seed=0)
     room = draft_room(max([*gammas, *([max_gamma] if adaptive else [])], default=0))
     max_new_tokens = new_token_budget(max_new_tokens, max(len(p) for p in prompts), room, model.cfg.max_seq_len,
@@ -62,10 +64,10 @@ def bench_decode(checkpoint: str, *, n_prompts: int = 8, prompt_len: int = 64, m
         for rows in batches:
             if gamma is None:
                 res = decode(model, rows, max_new_tokens, sampling=sampling, generator=g, stop_id=eos,
-                             use_cache=use_cache)
+                             use_cache=use_cache, head=head)
             else:
                 res = speculative_decode(model, drafter, rows, max_new_tokens, gamma=gamma, adaptive=threshold,
-                                         sampling=sampling, generator=g, stop_id=eos, use_cache=use_cache)
+                                         sampling=sampling, generator=g, stop_id=eos, use_cache=use_cache, head=head)
             outs += res.tokens
             stats.append(res.stats)
         return outs, stats

@@ -6,8 +6,9 @@ reruns whole sequences, the no-cache protocol of the paper's code. :func:`decode
 one token per forward pass (:class:`Stepper` is its loop, open to callers that choose tokens
 themselves); :func:`speculative_decode` lets a drafter (:mod:`nextlat.decoding.drafters`) propose
 tokens that one forward pass verifies. The engine knows nothing of tokenizers; prompts are
-token-id tensors of any lengths. ``head`` maps hidden states to logits (default ``model.logits``;
-an objective with its own text head, e.g. BST, passes its own).
+token-id tensors of any lengths. ``head`` maps hidden states, with the tokens they were computed
+at, to logits (default :func:`~nextlat.decoding.reference.lm_head`; an objective with a next-token
+module of its own, BST's text head or JTP's fetch module, passes its own).
 
 A speculative round keeps one *pending* token per row: chosen from the target's distribution but
 not yet run through it. :func:`draft` proposes K tokens after it, :func:`verify` runs
@@ -34,7 +35,7 @@ from torch import Tensor
 
 from nextlat.decoding.budget import draft_room
 from nextlat.decoding.drafters import Drafter
-from nextlat.decoding.reference import Head
+from nextlat.decoding.reference import Head, lm_head
 from nextlat.decoding.sampling import GREEDY, Sampling
 from nextlat.decoding.stats import DecodeStats, Generation
 from nextlat.model import KVCache, Transformer
@@ -89,6 +90,7 @@ class CachedTarget:
         h = _run(model, _pad(prompts, width, device), self.cache, drafter, (lengths - 1)[:, None])
         self.cache.rollback(lengths, width)
         self.h_last = h[torch.arange(len(prompts), device=device), lengths - 1]  # (B, D)
+        self.ids_last = torch.stack([r[-1] for r in prompts]).to(device)  # (B,) the tokens h_last was computed at
 
     def run(self, tokens: Tensor) -> Tensor:
         """Append (B, K) tokens after each row's prefix; return their hidden states (B, K, D)."""
@@ -118,6 +120,7 @@ class RecomputeTarget:
         self.ids = _pad(prompts, max_len, device)  # (B, max_len)
         h = _run(model, self.ids[:, : max(self.host_lengths)], None, drafter, (self.lengths - 1)[:, None])
         self.h_last = h[torch.arange(len(prompts), device=device), self.lengths - 1]
+        self.ids_last = torch.stack([r[-1] for r in prompts]).to(device)
 
     def run(self, tokens: Tensor) -> Tensor:
         B, K = tokens.shape
@@ -135,7 +138,8 @@ class RecomputeTarget:
 
 def prefill(model: Transformer, prompts: list[Tensor], max_len: int, *, use_cache: bool = True,
             drafter: Drafter | None = None) -> CachedTarget | RecomputeTarget:
-    """Run the prompts through the target (``target.h_last``: each row's last hidden state (B, D))."""
+    """Run the prompts through the target (``target.h_last``: each row's last hidden state (B, D);
+    ``target.ids_last``: each row's last prompt token (B,), the token that state was computed at)."""
     return (CachedTarget if use_cache else RecomputeTarget)(model, prompts, max_len, drafter)
 
 
@@ -208,15 +212,15 @@ class Stepper:
     """
 
     def __init__(self, model: Transformer, *, head: Head | None = None, use_cache: bool = True):
-        self.model, self.head, self.use_cache = model, head or model.logits, use_cache
+        self.model, self.head, self.use_cache = model, head or lm_head(model), use_cache
 
     def start(self, prompts: Tensor | list[Tensor], max_len: int | None = None) -> Tensor:
         rows = _as_rows(prompts)
         self.target = prefill(self.model, rows, max_len or self.model.cfg.max_seq_len, use_cache=self.use_cache)
-        return self.head(self.target.h_last)
+        return self.head(self.target.h_last, self.target.ids_last)
 
     def step(self, tokens: Tensor) -> Tensor:
-        return self.head(self.target.run(tokens[:, None])[:, -1])
+        return self.head(self.target.run(tokens[:, None])[:, -1], tokens)
 
 
 @torch.no_grad()
@@ -306,8 +310,9 @@ def verify(target: CachedTarget | RecomputeTarget, head: Head, pending: Tensor, 
 
     Slot j's logits predict the token after the run's j-th token.
     """
-    h = target.run(torch.cat([pending[:, None], drafts], 1))
-    return h, head(h)
+    tokens = torch.cat([pending[:, None], drafts], 1)
+    h = target.run(tokens)
+    return h, head(h, tokens)
 
 
 def accept(logits: Tensor, d: Draft, sampling: Sampling, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
@@ -359,7 +364,7 @@ def speculative_decode(model: Transformer, drafter: Drafter, prompts: Tensor | l
     if drafter.max_draft is not None:
         gamma = min(gamma, drafter.max_draft)
     rows = _as_rows(prompts)
-    B, device, head = len(rows), model.lm_head.weight.device, head or model.logits
+    B, device, head = len(rows), model.lm_head.weight.device, head or lm_head(model)
     stats, clock = DecodeStats(position_tries=[0] * gamma, position_accepts=[0] * gamma), _Clock(device)
     t0 = clock.mark()
     # Room for a round's drafts past the last emitted token, twice: a row that finishes mid-round keeps
@@ -367,7 +372,7 @@ def speculative_decode(model: Transformer, drafter: Drafter, prompts: Tensor | l
     budget = _check_budget(model, rows, max_new_tokens, draft_room(gamma))
     target = prefill(model, rows, budget, use_cache=use_cache, drafter=drafter)
     h_last, last_index = target.h_last, torch.zeros(B, dtype=torch.long, device=device)
-    pending = sampling.choose(head(h_last), generator)  # (B,), exact: from the target itself
+    pending = sampling.choose(head(h_last, target.ids_last), generator)  # (B,), exact: from the target itself
     clock.add("prefill", t0, clock.mark())
 
     emit = _Emitter(B, max_new_tokens, stop_id, stats)

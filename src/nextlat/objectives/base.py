@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from nextlat.config import ConfigError, ObjectiveConfig
 from nextlat.data import IGNORE, Batch, transition_mask
+from nextlat.decoding.reference import Head, lm_head
 from nextlat.model import Transformer
 
 
@@ -96,7 +97,8 @@ class FutureTokenConfig(ObjectiveConfig):
     horizon: int = 1
     """Number d of future tokens predicted beyond the next one."""
     lambda_future: float = 1.0
-    """Weight lambda of the mean future-token loss (0 gives exactly next-token training)."""
+    """Weight lambda of the mean future-token loss (0 leaves the next-token loss alone: for MTP exactly
+    next-token training, for JTP its next-token loss through the fetch module)."""
 
     def validate(self) -> None:
         check(self.horizon >= 1, "horizon", self.horizon, "must be >= 1")
@@ -116,6 +118,16 @@ class Objective(nn.Module):
     default_drafter: str | None = None
     """The speculative-decoding drafter (a ``nextlat.registry.DRAFTERS`` name) this objective trains, if any."""
 
+    goal_conditioned: ClassVar[bool] = False
+    """Whether the objective's next-token predictions need a known suffix (BST): its ``decoding_head``
+    then takes ``(model, suffix)``, and tasks decode it towards the suffix they know."""
+
+    state_version: ClassVar[int] = 1
+    """Version of what this objective's weights mean; raised when a change makes older checkpoints of it
+    unloadable (``training.checkpoint`` refuses them, naming ``state_change``)."""
+    state_change: ClassVar[str] = ""
+    """What changed at ``state_version`` (shown when an older checkpoint is refused)."""
+
     def __init__(self, cfg: ObjectiveConfig, model: Transformer):
         super().__init__()
         self.cfg = cfg
@@ -131,6 +143,11 @@ class Objective(nn.Module):
             for k, v in self.counts(batch).items():
                 total[k] = total.get(k, 0) + v
         return total
+
+    def decoding_head(self, model: Transformer) -> Head:
+        """The next-token head that evaluation and decoding use for a model trained with this objective
+        (``head=`` of ``nextlat.decoding``): the backbone's LM head unless the objective overrides it."""
+        return lm_head(model)
 
     def token_loss(self, model: Transformer, h: Tensor, batch: Batch) -> LossTerm:
         """Summed next-token cross-entropy of the LM head on h (B, T, D) over positions whose target is not IGNORE."""

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from nextlat.config import ConfigError, TaskConfig
 from nextlat.data import Batch
+from nextlat.decoding.reference import objective_head
 from nextlat.tasks.base import Task
 from nextlat.tasks.vocab import WordTokenizer
 
@@ -280,7 +281,8 @@ class A5Task(Task):
                  max_examples: int | None = None) -> dict[str, float]:
         """Per-token state accuracy at every evaluation length L.
 
-        - ``acc@L``: transformer, teacher-forced, accuracy averaged over all L positions;
+        - ``acc@L``: transformer, teacher-forced, accuracy averaged over all L positions (through the
+          objective's next-token head: the LM head, or JTP's fetch module);
         - ``acc_last@L``: transformer accuracy at position L (the final state);
         - ``rnn_acc@L`` / ``rnn_acc_last@L``: the same for the dynamics model run as an RNN
           (:func:`rnn_states`), only for objectives with a ``dynamics`` model (NextLat);
@@ -296,6 +298,7 @@ class A5Task(Task):
         (with a warning). Evaluation is deterministic: ``seed`` is unused.
         """
         dynamics = getattr(objective, "dynamics", None)
+        head = objective_head(model, objective)  # acc@L: the objective's next-token head (JTP: its fetch module)
         max_len = model.cfg.max_seq_len
         modules = [m for m in (model, objective) if isinstance(m, torch.nn.Module)]
         was_training = [m.training for m in modules]
@@ -320,7 +323,7 @@ class A5Task(Task):
                 batch = data.get(idx).to(device)
                 if fits:  # one causal pass serves the accuracy and (its first T states) the norm reference
                     h = model(batch.input_ids)[0]  # (rows, L, D)
-                    tf_correct += correct_by_position(model, h, batch.targets)
+                    tf_correct += (head(h, batch.input_ids).argmax(-1) == batch.targets).sum(0)
                 if dynamics is not None:
                     states = rnn_states(model, dynamics, batch.input_ids)  # (rows, L, D)
                     rnn_correct += correct_by_position(model, states, batch.targets)

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from nextlat.config import ConfigError, TaskConfig
 from nextlat.data import IGNORE, Batch
-from nextlat.decoding.reference import generate
+from nextlat.decoding.reference import generate, objective_head
 from nextlat.tasks.base import Task
 from nextlat.tasks.vocab import WordTokenizer
 
@@ -511,11 +511,12 @@ class CountdownTask(Task):
     def _decode(self, model, objective, prompt: Tensor) -> Tensor:
         """(B, P) prompts -> (B, n) greedy answer tokens."""
         P = prompt.shape[1]
-        if getattr(objective, "decoding_head", None) is not None:
+        if getattr(objective, "goal_conditioned", False):
             # BST: decode the known-length answer towards the only known suffix, EOS.
             suffix = torch.full((prompt.shape[0], 1), self._tok.eos_id, dtype=prompt.dtype, device=prompt.device)
             return generate(model, prompt, ANSWER_TOKENS, head=objective.decoding_head(model, suffix))[:, P:]
-        return generate(model, prompt, ANSWER_TOKENS + 1, stop_id=self._tok.eos_id)[:, P:]
+        return generate(model, prompt, ANSWER_TOKENS + 1, stop_id=self._tok.eos_id,
+                        head=objective_head(model, objective))[:, P:]
 
     @torch.no_grad()
     def evaluate(self, model, objective=None, *, device="cpu", seed: int = 0,
@@ -523,8 +524,8 @@ class CountdownTask(Task):
         """Greedy decoding on both test splits: shares solved with a valid equation chain
         (``solved_id``, ``solved_ood``) and with a valid final equation (``final_eq_valid_*``).
 
-        An objective with its own ``decoding_head`` (BST) decodes the 17 answer tokens towards the suffix
-        EOS. ``seed`` is unused (decoding is greedy).
+        Decoding goes through the objective's ``decoding_head``; a goal-conditioned one (BST) decodes the
+        17 answer tokens towards the suffix EOS. ``seed`` is unused (decoding is greedy).
         """
         n_max = max_examples or self.cfg.eval_examples
         was_training = model.training

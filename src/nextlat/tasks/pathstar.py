@@ -21,7 +21,7 @@ from torch import Tensor
 
 from nextlat.config import ConfigError, TaskConfig
 from nextlat.data import IGNORE, Batch
-from nextlat.decoding.reference import generate
+from nextlat.decoding.reference import generate, objective_head
 from nextlat.decoding.sampling import Sampling
 from nextlat.tasks.base import Task
 from nextlat.tasks.vocab import WordTokenizer
@@ -196,8 +196,9 @@ class PathStarTask(Task):
         """Exact-path accuracy (greedy and sampled at temperature 1) and teacher-forced accuracy per path position.
 
         ``pos_acc_k`` is the accuracy of the k-th answer node given the true prefix (k = 1 is the
-        source, copied from the prompt; k = 2 is the first real branch decision). An objective with
-        its own ``decoding_head`` (BST) decodes towards the goal instead (:meth:`_goal_conditioned`); one
+        source, copied from the prompt; k = 2 is the first real branch decision). Predictions come from
+        the objective's ``decoding_head`` (the LM head but for JTP's fetch module); a goal-conditioned
+        objective (BST) decodes towards the goal instead (:meth:`_goal_conditioned`); one
         with ``prev_logits`` also gets ``back_acc_k``: the accuracy of answer node k predicted backwards
         from the prompt and the true rest of the path (node k + 1 .. goal, EOS), i.e. walking back from
         the goal one parent at a time.
@@ -208,7 +209,8 @@ class PathStarTask(Task):
         was_training = model.training
         model.eval()
         g = torch.Generator(device=device).manual_seed(seed)
-        conditioned = getattr(objective, "decoding_head", None) is not None
+        conditioned = getattr(objective, "goal_conditioned", False)
+        head = objective_head(model, objective)
         backward = getattr(objective, "prev_logits", None)
         greedy_ok, sampled_ok, pos_ok, back_ok = [], [], [], []
         for start in range(0, n, self.EVAL_CHUNK):  # chunks bound the memory of large test sets
@@ -217,10 +219,10 @@ class PathStarTask(Task):
             if conditioned:
                 greedy, sampled, teacher = self._goal_conditioned(objective, model, seqs, g)
             else:
-                greedy = generate(model, prompt, L)[:, P:]
-                sampled = generate(model, prompt, L, sampling=Sampling(temperature=1.0), generator=g)[:, P:]
+                greedy = generate(model, prompt, L, head=head)[:, P:]
+                sampled = generate(model, prompt, L, sampling=Sampling(temperature=1.0), generator=g, head=head)[:, P:]
                 h, _ = model(seqs[:, : P + L - 1])
-                teacher = model.logits(h[:, P - 1 :]).argmax(-1)  # answer tokens 1..L, true prefix
+                teacher = head(h[:, P - 1 :], seqs[:, P - 1 : P + L - 1]).argmax(-1)  # answer tokens 1..L, true prefix
             greedy_ok.append((greedy == answer).all(-1))
             sampled_ok.append((sampled == answer).all(-1))
             pos_ok.append(teacher == answer)

@@ -38,6 +38,7 @@ from torch import Tensor
 
 from nextlat.config import ConfigError, TaskConfig, cache_home
 from nextlat.data import IGNORE, Batch, doc_ids_from_eos
+from nextlat.decoding.reference import objective_head
 from nextlat.tasks.base import Task
 
 EOS = "<eos>"
@@ -562,10 +563,11 @@ class TextTask(Task):
         was_training = model.training
         model.eval()
         total, count = 0.0, 0
+        head = objective_head(model, objective)  # the LM head, or the objective's own next-token module (JTP)
         for start in range(0, n, chunk):
             batch = data.get(torch.arange(start, min(n, start + chunk))).to(device)
             h, _ = model(batch.input_ids, batch.doc_ids)
-            logits = model.logits(h).float()  # (B, T, V)
+            logits = head(h, batch.input_ids).float()  # (B, T, V)
             total += F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE,
                                      reduction="sum").item()
             count += int((batch.targets != IGNORE).sum())

@@ -5,7 +5,7 @@ Layout of ``<run>/checkpoints/step_0001000/``::
     model.safetensors      backbone weights (Llama-style names)
     objective.safetensors  the objective's own parameters (dynamics model, extra heads)
     config.yaml            the full resolved run configuration
-    meta.json              format, version, step, metrics
+    meta.json              format, version, step, metrics, the version of the objective's weights
     trainer.safetensors    optimizer moments and RNG states, for exact resume
     trainer.json           optimizer hyper-parameters and the Python RNG state
     (artifacts)            files the task needs to use the model, e.g. tokenizer.json of a text task
@@ -33,7 +33,7 @@ from torch import nn
 
 from nextlat import __version__
 from nextlat.config import Config, ConfigError, read_yaml
-from nextlat.registry import config_from_dict, objective_settings
+from nextlat.registry import config_from_dict, objective_class, objective_settings
 
 FORMAT = "nextlat-checkpoint"
 FORMAT_VERSION = 1
@@ -127,6 +127,7 @@ def save_checkpoint(
         "step": step,
         "metrics": metrics or {},
         "objective": cfg.objective.name,
+        "objective_version": objective_class(cfg.objective.name).state_version,
         "task": cfg.task.name,
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "has_trainer_state": optimizer is not None,
@@ -232,8 +233,28 @@ def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{file}: corrupt or unreadable safetensors file ({e})") from None
 
 
+def objective_version_error(ckpt: Checkpoint) -> str | None:
+    """Why the checkpoint's objective weights cannot be used by this nextlat's objective of that name, or None.
+
+    A checkpoint records the ``state_version`` of its objective (``meta.json``, ``objective_version``;
+    absent before versions were recorded, which means 1). An objective whose weights changed meaning
+    since (BST and JTP became the paper's own, version 2) cannot load them: the old parameters do not
+    compute what the new ones do, so they are refused rather than converted.
+    """
+    cls = objective_class(ckpt.cfg.objective.name)
+    found = ckpt.meta.get("objective_version", 1)
+    if found == cls.state_version:
+        return None
+    return (f"{ckpt.path}: its {ckpt.cfg.objective.name} weights are of version {found!r}, this nextlat's "
+            f"{ckpt.cfg.objective.name} is version {cls.state_version}: {cls.state_change or 'its weights changed'}. "
+            f"They cannot be loaded; retrain (or use the nextlat that wrote the checkpoint)")
+
+
 def objective_fits(ckpt: Checkpoint, objective: nn.Module) -> bool:
-    """Whether the checkpoint's objective weights have exactly ``objective``'s parameter names and shapes."""
+    """Whether the checkpoint's objective weights are of this objective's version and have exactly
+    ``objective``'s parameter names and shapes."""
+    if objective_version_error(ckpt) is not None:
+        return False
     state = _load_tensors(ckpt.path / "objective.safetensors")
     expected = objective.state_dict()
     return state.keys() == expected.keys() and all(v.shape == expected[k].shape for k, v in state.items())
@@ -241,7 +262,9 @@ def objective_fits(ckpt: Checkpoint, objective: nn.Module) -> bool:
 
 def load_weights(ckpt: Checkpoint, model: nn.Module, objective: nn.Module | None) -> None:
     """Load weights strictly: every key present, none extra, every shape equal. ``objective=None`` loads
-    only the backbone."""
+    only the backbone. An objective's weights of another version are refused (:func:`objective_version_error`)."""
+    if objective is not None and (why := objective_version_error(ckpt)) is not None:
+        raise CheckpointError(why)
     for file, module in (("model.safetensors", model), ("objective.safetensors", objective)):
         if module is None:
             continue

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nextlat.decoding.engine import Stepper
+from nextlat.decoding.reference import Head, lm_head
 from nextlat.decoding.sampling import GREEDY, Sampling
 from nextlat.tasks.manhattan.graph import DIRECTIONS, UNIT, StreetGraph, WalkTokenizer
 
@@ -79,11 +80,12 @@ class TransformerWalkModel:
     device; outputs come back as float32 CPU tensors.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, head: Head | None = None):
         self.module = model
         self.device = next(model.parameters()).device
         self.max_seq_len: int = model.cfg.max_seq_len
-        self._stepper = Stepper(model)
+        self.head = head or lm_head(model)  # the objective's next-token head (JTP: its fetch module)
+        self._stepper = Stepper(model, head=self.head)
 
     def hidden(self, ids: Tensor, doc_ids: Tensor | None = None) -> Tensor:
         doc = None if doc_ids is None else doc_ids.to(self.device)
@@ -92,8 +94,9 @@ class TransformerWalkModel:
 
     def score(self, ids: Tensor, doc_ids: Tensor | None = None) -> Tensor:
         doc = None if doc_ids is None else doc_ids.to(self.device)
-        h, _ = self.module(ids.to(self.device), doc)
-        return self.module.logits(h).float().cpu()  # (B, T, V)
+        ids = ids.to(self.device)
+        h, _ = self.module(ids, doc)
+        return self.head(h, ids).float().cpu()  # (B, T, V)
 
     def start(self, prompt: Tensor) -> Tensor:
         return self._stepper.start(prompt.to(self.device), self.max_seq_len).float().cpu()  # (B, V)
@@ -102,12 +105,13 @@ class TransformerWalkModel:
         return self._stepper.step(tokens.to(self.device)).float().cpu()  # (B, V)
 
 
-def as_walk_model(model) -> WalkModel:
-    """Wrap a nextlat ``Transformer``; anything that already has ``score``/``start``/``step`` is used as is."""
+def as_walk_model(model, head: Head | None = None) -> WalkModel:
+    """Wrap a nextlat ``Transformer`` (predicting through ``head``, default its LM head); anything that already
+    has ``score``/``start``/``step`` is used as is."""
     if hasattr(model, "score") and hasattr(model, "start") and hasattr(model, "step"):
         return model
     if hasattr(model, "logits") and hasattr(model, "new_cache"):
-        return TransformerWalkModel(model)
+        return TransformerWalkModel(model, head)
     raise TypeError(f"{type(model).__name__} is neither a nextlat Transformer nor a WalkModel "
                     "(score/start/step methods)")
 

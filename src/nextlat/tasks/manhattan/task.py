@@ -21,8 +21,8 @@ not scored (the next-latent term still sees every position of a walk).
 of legal top-1 predictions, teacher-forced on held-out walks) and ``val_loss``; ``valid`` (greedy
 traversals for held-out pairs at most ``valid_max_dist`` moves apart); ``compression``;
 ``eff_rank``; ``detour``; ``map_*`` counts of true and invented streets in the valid-trajectory
-traversals. Definitions in :mod:`nextlat.tasks.manhattan.metrics`. Decoding uses the backbone's next-token
-head for every objective.
+traversals. Definitions in :mod:`nextlat.tasks.manhattan.metrics`. Predictions come from the objective's
+next-token head: the backbone's LM head, or JTP's fetch module.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from torch import Tensor
 
 from nextlat.config import ConfigError, TaskConfig
 from nextlat.data import IGNORE, Batch
+from nextlat.decoding.reference import objective_head
 from nextlat.tasks.base import Task
 from nextlat.tasks.manhattan.graph import (
     HeldOutPairs,
@@ -372,7 +373,7 @@ class ManhattanTask(Task):
         """
         c, graph, tok = self.cfg, self.graph, self.tokenizer
         size = lambda k: min(k, max_examples) if max_examples else k  # noqa: E731
-        lm = as_walk_model(model)
+        lm = as_walk_model(model, objective_head(model, objective))
         limit = model.cfg.max_seq_len
         max_len = self.move_cap(model)
         out: dict[str, float] = {}
