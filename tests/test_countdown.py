@@ -6,6 +6,7 @@ import json
 import math
 import random
 import re
+from collections import Counter
 
 import pytest
 import torch
@@ -170,6 +171,141 @@ def test_scorer_takes_ids_and_tensors_and_never_raises_on_the_answer():
         score((1,), 10, "1+2=3")
 
 
+# ----------------------------------------------------------------------------- lax scorer (the official code's rule)
+
+
+def test_lax_scorer_accepts_what_the_strict_one_rejects():
+    """14 5 9 7 -> 23: the target is used as an operand, 14 three times, 5 and 7 never; lax yes, strict no."""
+    s = score((14, 5, 9, 7), 23, "23-14=9,9+14=23,9+14=23")
+    assert s.solved_lax and not s.solved and s.final_eq_valid
+    assert "operands not available" in s.reason
+    assert solve((14, 5, 9, 7), 23) is not None  # a solvable problem, as in the test sets
+
+
+# References written from the rules' descriptions, on the answer text, with plain loops.
+_REF_EQ = re.compile(r"(\d+)([-+*/])(\d+)=(\d+)")
+
+
+def _ref_equation(piece: str):
+    """(x, y, z) of a correct 'x op y=z' (results non-negative integers <= MAX_VALUE, exact division), else None."""
+    m = _REF_EQ.fullmatch(piece)
+    if m is None:
+        return None
+    x, op, y, z = int(m[1]), m[2], int(m[3]), int(m[4])
+    if op == "+":
+        r = x + y
+    elif op == "-":
+        r = x - y
+    elif op == "*":
+        r = x * y
+    else:
+        r = x // y if y != 0 and x % y == 0 else None
+    if r is None or not 0 <= r <= MAX_VALUE or r != z:
+        return None
+    return x, y, z
+
+
+def _ref_strict(numbers, target, answer: str) -> bool:
+    """len(numbers) - 1 equations; each takes its two operands out of the pool (inputs, then results, each
+    usable once) and puts its result in; at the end the pool is exactly [target]."""
+    pieces = answer.split(",")
+    if len(pieces) != len(numbers) - 1:
+        return False
+    pool = list(numbers)
+    for piece in pieces:
+        eq = _ref_equation(piece)
+        if eq is None:
+            return False
+        x, y, z = eq
+        for v in (x, y):
+            if v not in pool:
+                return False
+            pool.remove(v)
+        pool.append(z)
+    return pool == [target]
+
+
+def _ref_lax(numbers, target, answer: str) -> bool:
+    """Every equation correct with both operands among the inputs, the target and earlier results (reuse and
+    unused inputs allowed, any count), and the last result equal to the target."""
+    available = list(numbers) + [target]
+    last = None
+    for piece in answer.split(","):
+        eq = _ref_equation(piece)
+        if eq is None:
+            return False
+        x, y, z = eq
+        if x not in available or y not in available:
+            return False
+        available.append(z)
+        last = z
+    return last == target
+
+
+LAX_TABLE = [  # numbers, target, answer, strict, lax
+    ((1, 2, 3, 4), 10, "4*3=12,12-2=10,10*1=10", True, True),
+    ((1, 2, 3, 4), 10, "1+2=3,3+3=6,6+4=10", True, True),
+    ((1, 2, 3, 4), 10, "4*3=12,12-2=10", False, True),  # two equations, 1 unused
+    ((1, 2, 3, 4), 10, "4+4=8,8+2=10", False, True),  # 4 reused
+    ((1, 2, 3, 4), 10, "10*1=10", False, True),  # the target as an operand
+    ((1, 2, 3, 4), 10, "10-4=6,6+4=10,10*1=10", False, True),
+    ((1, 2, 3, 4), 10, "4*3=12,12-2=10,10+1=11", False, False),  # ends elsewhere
+    ((1, 2, 3, 4), 10, "4*3=13,13-3=10,10*1=10", False, False),  # wrong arithmetic
+    ((1, 2, 3, 4), 10, "5+5=10", False, False),  # 5 never available
+    ((1, 2, 3, 4), 10, "4*3=12,12-2=10,10*1=10,10*1=10", False, True),  # four equations
+    ((1, 2, 3, 4), 10, "4*3=12,,12-2=10", False, False),  # an empty piece
+    ((1, 2, 3, 4), 10, "4*3=12,12-2=10,", False, False),  # a trailing comma
+    ((1, 2, 3, 4), 10, "", False, False),
+    ((5, 5, 2, 1), 10, "5+5=10,2-1=1,10*1=10", True, True),
+    ((5, 5, 2, 1), 10, "1*2=2,5/5=1,2*5=10", False, True),  # a third 5 (lax: reuse)
+    ((0, 3, 6, 2), 0, "0/3=0,6-2=4,4*0=0", True, True),  # 0 / x is allowed
+    ((0, 3, 6, 2), 0, "3/0=0,6-2=4,4*0=0", False, False),  # x / 0 is not
+    ((0, 3, 6, 2), 4, "3/2=1,6-2=4", False, False),  # inexact division
+    ((14, 5, 9, 7), 23, "23-14=9,9+14=23,9+14=23", False, True),
+    ((14, 5, 9, 7), 23, "14*9=126,126/7=18,18+5=23", True, True),
+]
+
+
+@pytest.mark.parametrize("numbers, target, answer, strict, lax", LAX_TABLE)
+def test_scorers_on_a_table_of_small_cases(numbers, target, answer, strict, lax):
+    assert (_ref_strict(numbers, target, answer), _ref_lax(numbers, target, answer)) == (strict, lax)
+    s = score(numbers, target, answer)
+    assert (s.solved, s.solved_lax) == (strict, lax), s
+
+
+def test_scorers_agree_with_the_references_on_random_small_answers():
+    """Random answers over tiny numbers (operands mostly available, some results off by one): both rules match
+    their loop references on every case, strict implies lax, and all three outcomes occur."""
+    rng = random.Random(7)
+    outcomes = Counter()
+    for _ in range(4000):
+        numbers = tuple(rng.randint(0, 6) for _ in range(4))
+        other = rng.randint(0, 12)  # a target drawn beforehand, which the free draws may use as an operand
+        pool, seen = list(numbers), [*numbers, other]  # what a strict / a lax chain may use
+        by_pool = rng.random() < 0.5  # draw operands as the strict rule does, or freely
+        pieces, z = [], 0
+        for _ in range(rng.choice([1, 2, 3, 3, 3, 4])):
+            if by_pool and len(pool) >= 2:
+                x, y = (pool.pop(rng.randrange(len(pool))) for _ in range(2))
+            else:
+                x, y = (rng.choice(seen) if rng.random() < 0.9 else rng.randint(0, 12) for _ in range(2))
+            op = rng.choice("+-*/")
+            z = {"+": x + y, "-": x - y, "*": x * y, "/": x // y if y else 0}[op]
+            if rng.random() < 0.1 or z < 0:  # a wrong result (a negative one cannot be written)
+                z = abs(z) + 1
+            pieces.append(f"{x}{op}{y}={z}")
+            pool.append(z)
+            seen.append(z)
+        target = z if rng.random() < 0.6 else other  # the last result, mostly
+        answer = ",".join(pieces)
+        strict, lax = _ref_strict(numbers, target, answer), _ref_lax(numbers, target, answer)
+        s = score(numbers, target, answer)
+        assert (s.solved, s.solved_lax) == (strict, lax), (numbers, target, answer, s)
+        assert not strict or lax
+        outcomes[strict, lax] += 1
+    assert min(outcomes[True, True], outcomes[False, True], outcomes[False, False]) >= 100, outcomes
+
+
 # ----------------------------------------------------------------------------- splits
 
 
@@ -204,6 +340,8 @@ def test_held_out_targets_and_disjoint_splits(small_task):
     ("num_pause", -1, r"task\.num_pause=-1"),
     ("num_train", 0, r"task\.num_train=0"),
     ("eval_examples", 0, r"task\.eval_examples=0"),
+    ("eval_temperature", -1.0, r"task\.eval_temperature=-1\.0"),
+    ("prompt_format", "spaces", r"task\.prompt_format='spaces'"),
 ])
 def test_bad_config_values_are_named(field, value, pattern):
     with pytest.raises(ConfigError, match=pattern):
@@ -302,7 +440,7 @@ class _Oracle(torch.nn.Module):
 def test_evaluate_scores_a_perfect_model_as_one(small_task):
     seqs = torch.cat([small_task.test_data("test_id").seqs, small_task.test_data("test_ood").seqs])
     out = small_task.evaluate(_Oracle(seqs, small_task.tokenizer.vocab_size), max_examples=6)
-    assert out == {"solved_id": 1.0, "solved_ood": 1.0, "final_eq_valid_id": 1.0, "final_eq_valid_ood": 1.0}
+    assert out == {f"{k}_{s}": 1.0 for k in ("solved", "solved_lax", "final_eq_valid") for s in ("id", "ood")}
 
 
 @pytest.mark.parametrize("objective", ["next_latent", "bst"])
@@ -310,7 +448,7 @@ def test_evaluate_on_untrained_model(objective):
     comps = build(config_from_dict(_tiny_run(**{"objective.name": objective})))
     comps.model.train()
     out = comps.task.evaluate(comps.model, comps.objective)
-    assert set(out) == {"solved_id", "solved_ood", "final_eq_valid_id", "final_eq_valid_ood"}
+    assert set(out) == {f"{k}_{s}" for k in ("solved", "solved_lax", "final_eq_valid") for s in ("id", "ood")}
     assert all(0.0 <= v <= 1.0 for v in out.values())
     assert comps.model.training  # restored
 
@@ -345,3 +483,93 @@ def test_next_latent_trains_on_countdown(tmp_path):
     losses = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if line.strip()]
     train_losses = [r["loss"] for r in losses if r["kind"] == "train"]
     assert len(train_losses) == 4 and all(math.isfinite(v) for v in train_losses)
+
+
+# ----------------------------------------------------------------------------- sampled evaluation
+
+
+def test_sampled_evaluation_is_seeded_and_uses_the_sampler():
+    from nextlat.decoding.reference import generate
+    from nextlat.decoding.sampling import Sampling
+
+    task = CountdownTask(CountdownConfig(**SMALL, eval_temperature=1.0))
+    tok = task.tokenizer
+    P = task.test_data().prompt_len
+    seqs = torch.cat([task.test_data("test_id").seqs, task.test_data("test_ood").seqs])
+    first = torch.log(torch.tensor([0.6, 0.4], dtype=torch.float64))
+
+    class Model(_Oracle):
+        def forward(self, ids, doc_ids=None):
+            B, T = ids.shape
+            h = torch.full((B, T, 2), -1, dtype=torch.long)  # (true next token, position)
+            h[..., 1] = torch.arange(T)
+            h[..., 0] = tok.eos_id
+            for b in range(B):
+                row = next((s for s in self.seqs if torch.equal(s[:T], ids[b])), None)
+                if row is not None:
+                    h[b, :, 0] = row[1 : T + 1]
+            return h, None
+
+        def logits(self, h):
+            nxt, pos = h[..., 0], h[..., 1]
+            out = torch.full((*nxt.shape, self.vocab), -1e4, dtype=torch.float64)
+            out.scatter_(-1, nxt[..., None], 0.0)
+            at_first = pos == P - 1  # predicting the first answer token: true 0.6, pause 0.4
+            out[at_first] = -1e4
+            out[at_first, nxt[at_first]] = first[0]
+            out[at_first, tok.pause_id] = first[1]
+            return out
+
+    model = Model(seqs, tok.vocab_size)
+    out = task.evaluate(model, max_examples=60, seed=5)
+    assert out == task.evaluate(model, max_examples=60, seed=5)  # reproducible
+    assert out != task.evaluate(model, max_examples=60, seed=6)  # and the seed matters
+    for k in ("solved", "solved_lax", "final_eq_valid"):
+        assert out[f"{k}_id"] == out[f"{k}_ood"] == 1.0  # greedy takes the likelier first token
+    # the sampled metrics are the scores of the sampler's own draws under a generator seeded the same way
+    for split, tag in (("test_id", "id"), ("test_ood", "ood")):
+        data = task.test_data(split)
+        g = torch.Generator().manual_seed(5)
+        rows = generate(model, data.seqs[:60, :P], ANSWER_TOKENS + 1, sampling=Sampling(temperature=1.0),
+                        generator=g, stop_id=tok.eos_id)[:, P:]
+        scores = score_rows(data.problems[:60], rows)
+        assert out[f"solved_sampled_{tag}"] == sum(s.solved for s in scores) / 60
+        assert out[f"solved_lax_sampled_{tag}"] == sum(s.solved_lax for s in scores) / 60
+        assert out[f"final_eq_valid_sampled_{tag}"] == sum(s.final_eq_valid for s in scores) / 60
+    # T = 1: a problem is solved when the first token is drawn right, p = 0.6 (120 draws: 5 standard errors)
+    rate = (out["solved_sampled_id"] + out["solved_sampled_ood"]) / 2
+    assert abs(rate - 0.6) < 5 * (0.24 / 120) ** 0.5, rate
+    assert out["solved_lax_sampled_id"] == out["solved_sampled_id"]  # a pause first makes both fail
+    # greedy only by default: no sampled keys
+    greedy_only = CountdownTask(CountdownConfig(**SMALL)).evaluate(model, max_examples=4)
+    assert not any("sampled" in k for k in greedy_only)
+
+
+def test_sampled_evaluation_of_untrained_models_including_bst():
+    for objective in ("next_latent", "bst"):
+        comps = build(config_from_dict(_tiny_run(**{"objective.name": objective, "task.eval_temperature": 1.0})))
+        out = comps.task.evaluate(comps.model, comps.objective, seed=1)
+        assert set(out) == {f"{k}{d}_{s}" for k in ("solved", "solved_lax", "final_eq_valid")
+                            for d in ("", "_sampled") for s in ("id", "ood")}
+        assert out == comps.task.evaluate(comps.model, comps.objective, seed=1)
+
+
+# ----------------------------------------------------------------------------- the official prompt format
+
+
+def test_official_prompt_format():
+    task = CountdownTask(CountdownConfig(**SMALL, prompt_format="official"))
+    data, tok = task.train_data(), task.tokenizer
+    P = data.prompt_len
+    assert P == 5 + 8 and task.seq_len == P + ANSWER_TOKENS and data.seqs.shape[1] == P + ANSWER_TOKENS + 1
+    p = data.problems[0]
+    text = " ".join(map(str, (*p.numbers, p.target))) + "|" * 8 + format_equations(p.solution) + "<eos>"
+    assert tok.decode(data.seqs[0].tolist()) == text and tok.encode(text) == data.seqs[0].tolist()
+    # the same problems and answers as the default format; only the prompt differs
+    ours = CountdownTask(CountdownConfig(**SMALL)).train_data()
+    assert ours.problems == data.problems and torch.equal(ours.seqs[:, ours.prompt_len :], data.seqs[:, P:])
+    batch = data.get(torch.arange(len(data)))
+    assert (batch.targets != IGNORE).sum(1).eq(ANSWER_TOKENS + 1).all()
+    assert torch.equal(batch.targets[:, P - 1 :], data.seqs[:, P:])
+    seqs = torch.cat([task.test_data("test_id").seqs, task.test_data("test_ood").seqs])
+    assert set(task.evaluate(_Oracle(seqs, tok.vocab_size), max_examples=6).values()) == {1.0}

@@ -35,7 +35,9 @@ def tiny_experiment(run_config, tmp_path, monkeypatch):
         return [Arm("GPT", "gpt", str(recipe), ("objective.name=next_token",)),
                 Arm("NextLat d=2", "nl", str(recipe), ("objective.horizon=2",))]
 
-    exp = Experiment("tiny", arms, [Metric("acc_greedy", "greedy %"), Metric("pos_acc_1", "source", percent=False)],
+    exp = Experiment("tiny", arms, [Metric("acc_greedy", "greedy %"), Metric("pos_acc_1", "source", percent=False),
+                                    Metric("acc_sampled", "sampled %", optional=True),  # reported: shown
+                                    Metric("acc_never", "never reported", optional=True)],  # left out
                      paper={"GPT": {"G(2,10)": 49.4}})
     register(monkeypatch, exp)
     return exp
@@ -81,6 +83,7 @@ def test_run_experiment_tabulates_every_seed_and_skips_finished_runs(tiny_experi
     assert gpt["train"]["seed"] == nl["train"]["seed"] == 1
     table = (out / "results.md").read_text()
     assert "| GPT | 2 |" in table and "paper G(2,10)" in table and "49.4" in table
+    assert "| sampled % |" in table and "never reported" not in table  # optional columns only when reported
     assert table.endswith("\nSteps trained, from the runs: 2 (every run).\n")
     assert json.loads((out / "results.json").read_text())["rows"][1]["label"] == "NextLat d=2"
     assert (out / "tiny.png").stat().st_size > 0

@@ -102,6 +102,8 @@ def test_imported_run_is_a_run(tmp_path):
     assert (m.n_kv_head, m.head_dim, m.tie_embeddings, m.rope_dtype, meta["step"]) == (2, 0, True, "float32", 0)
     assert comps.model.lm_head.weight is comps.model.embed_tokens.weight
     assert comps.task.tokenizer.eos_id == 1 and comps.task.tokenizer.encode("t5 t7") == [5, 7]
+    # its own document convention: nothing is put before prompts (no EOS as a BOS)
+    assert comps.cfg.task.eos_position == "end" and comps.task.prompt_prefix() == []
     assert (ckpt / "hf_config.json").is_file() and set(comps.task.artifacts()) >= {"tokenizer.json", "hf_config.json"}
     with pytest.raises(HFError, match="already holds checkpoints"):
         import_hf(src, tmp_path / "run")

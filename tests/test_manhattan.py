@@ -325,7 +325,7 @@ def test_training_batches_score_moves_and_end_only():
     assert torch.equal(scored, is_move_or_end)  # origins, destinations, EOS and padding are never scored
     real = doc_ids >= 0
     # on real tokens the doc ids are exactly the EOS-based ones of data.py
-    assert torch.equal(doc_ids[real], doc_ids_from_eos(inputs, tok.eos_id)[real])
+    assert torch.equal(doc_ids[real], doc_ids_from_eos(inputs, tok.eos_id, eos_opens=False)[real])
     assert (inputs[~real] == tok.eos_id).all()
     # padding only at the end of a row
     assert all(r[r >= 0].numel() == 0 or bool((r[: int((r >= 0).sum())] >= 0).all()) for r in doc_ids)

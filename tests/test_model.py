@@ -109,17 +109,22 @@ def test_is_causal(make_model, vocab):
     assert not torch.allclose(h1[:, 6:], h2[:, 6:])
 
 
-def test_document_masking_equals_separate_documents(make_model, vocab):
+@pytest.mark.parametrize("eos_opens", [True, False])
+def test_document_masking_equals_separate_documents(make_model, vocab, eos_opens):
     # float64: the packed row and the separate documents run matmuls of other shapes, which round float32
     # differently (by BLAS); in float64 the only difference left is ~1e-15.
     model = make_model().double()
     eos = vocab - 1
     g = torch.Generator().manual_seed(0)
-    doc_a = torch.cat([torch.randint(0, eos, (6,), generator=g), torch.tensor([eos])])
-    doc_b = torch.randint(0, eos, (9,), generator=g)
+    a, b = torch.randint(0, eos, (6,), generator=g), torch.randint(0, eos, (8,), generator=g)
+    if eos_opens:  # the official convention: <eos> a.. <eos> b..; each EOS at its document's position 0
+        doc_a, doc_b = torch.cat([torch.tensor([eos]), a]), torch.cat([torch.tensor([eos]), b])
+    else:  # nextlat 0.1.0: a.. <eos> b..
+        doc_a, doc_b = torch.cat([a, torch.tensor([eos])]), torch.cat([b, b[:1]])
     packed = torch.cat([doc_a, doc_b])[None]
-    doc_ids = doc_ids_from_eos(packed, eos)
+    doc_ids = doc_ids_from_eos(packed, eos, eos_opens=eos_opens)
     assert doc_ids.tolist() == [[0] * 7 + [1] * 9]
+    assert positions_from_doc_ids(doc_ids).tolist() == [list(range(7)) + list(range(9))]
     h, _ = model(packed, doc_ids)
     h_a, _ = model(doc_a[None])
     h_b, _ = model(doc_b[None])
@@ -150,5 +155,7 @@ def test_doc_mask_helpers():
         for k in range(10):
             assert bool(mask[q, k]) == (k <= q and doc_ids[0, q] == doc_ids[0, k])
     eos = 9
-    ids = torch.tensor([[1, 2, eos, 3, eos, eos, 4]])
-    assert doc_ids_from_eos(ids, eos).tolist() == [[0, 0, 0, 1, 1, 2, 3]]
+    ids = torch.tensor([[1, 2, eos, 3, eos, eos, 4], [eos, 1, 2, eos, 3, 4, 5]])
+    assert doc_ids_from_eos(ids, eos, eos_opens=False).tolist() == [[0, 0, 0, 1, 1, 2, 3], [0, 1, 1, 1, 2, 2, 2]]
+    # an opening EOS starts its document; tokens before a row's first EOS continue an earlier document
+    assert doc_ids_from_eos(ids, eos, eos_opens=True).tolist() == [[0, 0, 1, 1, 2, 3, 3], [0, 0, 0, 1, 1, 1, 1]]

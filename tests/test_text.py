@@ -16,7 +16,7 @@ import torch
 
 from nextlat.cli import main
 from nextlat.config import ConfigError, recipe_names
-from nextlat.data import IGNORE, doc_ids_from_eos
+from nextlat.data import IGNORE, doc_ids_from_eos, positions_from_doc_ids
 from nextlat.registry import build_task, config_from_dict, load_config
 from nextlat.tasks import text as text_mod
 from nextlat.tasks.text import (
@@ -137,27 +137,99 @@ def test_documents_end_with_eos_and_split_is_disjoint_and_deterministic(tmp_path
     assert set(_decode_docs(other, other.corpus().val)) != set(val_docs)
 
 
-def test_windows_carry_doc_ids_and_ignore_the_target_after_eos(tmp_path, corpus_file):
+def test_windows_open_each_document_with_its_eos_and_score_every_target(tmp_path, corpus_file):
+    """eos_position start (the default): the windows cut [EOS] + stream; every target is scored."""
     task = TextTask(_task_cfg(tmp_path, [corpus_file[0]]))
+    assert task.cfg.eos_position == "start"
+    data, T = task.train_data(), task.cfg.seq_len
+    eos = task.tokenizer.eos_id
+    stream = torch.cat([torch.tensor([eos]), task.corpus().train.to(torch.int64)])  # the leading EOS made explicit
+    assert len(data) == (len(stream) - 1) // T
+    idx = torch.arange(len(data))
+    batch = data.get(idx)
+    assert batch.input_ids.shape == batch.targets.shape == batch.doc_ids.shape == (len(data), T)
+    for row, i in enumerate(idx.tolist()):
+        window = stream[i * T : i * T + T + 1]  # non-overlapping: stride seq_len, seq_len + 1 tokens
+        assert torch.equal(batch.input_ids[row], window[:-1]) and torch.equal(batch.targets[row], window[1:])
+    assert (batch.input_ids == eos).sum() > 10, "the test needs windows that cross document boundaries"
+    assert torch.equal(batch.doc_ids, doc_ids_from_eos(batch.input_ids, eos, eos_opens=True))
+    # every token of the stream but the leading EOS is the target of exactly one window position
+    assert torch.equal(batch.targets.flatten(), stream[1 : len(data) * T + 1])
+    assert batch.input_ids[0, 0] == eos and batch.doc_ids[0, 0] == 0
+    # an EOS opens its document: it and the next token share a document, the token before it is in another
+    for r, t in (batch.input_ids == eos).nonzero().tolist():
+        if t + 1 < T:
+            assert batch.doc_ids[r, t + 1] == batch.doc_ids[r, t]
+        if t > 0:
+            assert batch.doc_ids[r, t] == batch.doc_ids[r, t - 1] + 1
+
+
+def test_first_token_of_every_document_is_a_target_predicted_from_its_eos(tmp_path, corpus_file):
+    task = TextTask(_task_cfg(tmp_path, [corpus_file[0]]))
+    data, tok = task.train_data(), task.tokenizer
+    batch = data.get(torch.arange(len(data)))
+    train_docs = [tok.encode(d) for d in _decode_docs(task, task.corpus().train)]
+    starts = (batch.input_ids == tok.eos_id).nonzero().tolist()  # row-major: stream order
+    # every document's opening EOS is an input, but for the last one or two past the final whole window
+    assert len(train_docs) - 2 <= len(starts) <= len(train_docs)
+    positions = positions_from_doc_ids(batch.doc_ids)
+    for (r, t), doc in zip(starts, train_docs):
+        assert batch.targets[r, t] == doc[0] != IGNORE  # scored, predicted from the EOS position
+        assert positions[r, t] == 0  # the EOS is the document's position 0 (a BOS)
+    # the document's last token predicts the next document's EOS (where this one ends)
+    ends = [(r, t - 1) for r, t in starts if t > 0]
+    assert ends and all(batch.targets[r, t] == tok.eos_id for r, t in ends)
+
+
+def test_windows_with_closing_eos_ignore_the_target_after_it(tmp_path, corpus_file):
+    """eos_position end (nextlat before the setting): the EOS closes its document, the first token is unscored."""
+    task = TextTask(_task_cfg(tmp_path, [corpus_file[0]], eos_position="end"))
     data, T = task.train_data(), task.cfg.seq_len
     stream = task.corpus().train.to(torch.int64)
     assert len(data) == (len(stream) - 1) // T
     idx = torch.arange(len(data))
     batch = data.get(idx)
     eos = task.tokenizer.eos_id
-    assert batch.input_ids.shape == batch.targets.shape == batch.doc_ids.shape == (len(data), T)
     for row, i in enumerate(idx.tolist()):
-        window = stream[i * T : i * T + T + 1]  # non-overlapping: stride seq_len, seq_len + 1 tokens
+        window = stream[i * T : i * T + T + 1]
         assert torch.equal(batch.input_ids[row], window[:-1])
         at_eos = window[:-1] == eos
         assert (batch.targets[row][at_eos] == IGNORE).all()
         assert torch.equal(batch.targets[row][~at_eos], window[1:][~at_eos])
-    assert (batch.input_ids == eos).sum() > 10, "the test needs windows that cross document boundaries"
-    assert torch.equal(batch.doc_ids, doc_ids_from_eos(batch.input_ids, eos))
-    # the EOS closes its document; the next token opens a new one
+    assert torch.equal(batch.doc_ids, doc_ids_from_eos(batch.input_ids, eos, eos_opens=False))
     r, t = (batch.input_ids == eos).nonzero()[0].tolist()
     if t + 1 < T:
         assert batch.doc_ids[r, t] == batch.doc_ids[r, t - 1] and batch.doc_ids[r, t + 1] == batch.doc_ids[r, t] + 1
+
+
+@pytest.mark.parametrize("eos_position", ["start", "end"])
+def test_a_packed_window_scores_each_document_as_if_alone(tmp_path, corpus_file, make_model, eos_position):
+    """Float64 states and per-token losses of a packed window equal those of its documents run one by one
+    (each starting at position 0), to 1e-12; with ``start`` each piece is a document opened by its EOS."""
+    task = TextTask(_task_cfg(tmp_path, [corpus_file[0]], eos_position=eos_position, seq_len=160))
+    model = make_model(vocab_size=task.vocab_size, max_seq_len=160).double()
+    data = task.train_data()
+    batch = data.get(torch.arange(len(data)))
+    r = int((batch.doc_ids.amax(1) >= 2).nonzero()[0])  # a row with 3+ documents (pieces)
+    x, y, docs = batch.input_ids[r : r + 1], batch.targets[r], batch.doc_ids[r]
+    h, _ = model(x, batch.doc_ids[r : r + 1])
+    ce = torch.nn.functional.cross_entropy(model.logits(h[0]), y, ignore_index=IGNORE, reduction="none")  # (T,)
+    pieces = 0
+    for d in docs.unique().tolist():
+        at = (docs == d).nonzero().flatten()
+        a, e = int(at[0]), int(at[-1]) + 1
+        assert torch.equal(at, torch.arange(a, e))  # a document is contiguous
+        if eos_position == "start" and a > 0:
+            assert x[0, a] == task.tokenizer.eos_id  # every document but a row's continuation opens with EOS
+        h_doc, _ = model(x[:, a:e])
+        torch.testing.assert_close(h[:, a:e], h_doc, rtol=1e-12, atol=1e-12)
+        ce_doc = torch.nn.functional.cross_entropy(model.logits(h_doc[0]), y[a:e], ignore_index=IGNORE,
+                                                   reduction="none")
+        torch.testing.assert_close(ce[a:e], ce_doc, rtol=1e-12, atol=1e-12)
+        pieces += 1
+    assert pieces >= 3
+    scored = int((y != IGNORE).sum())
+    assert scored == (len(y) if eos_position == "start" else len(y) - int((x == task.tokenizer.eos_id).sum()))
 
 
 def test_cache_is_reused_and_an_incomplete_cache_is_not_trusted(tmp_path, corpus_file, monkeypatch):
@@ -268,16 +340,42 @@ def test_prompts_are_starts_of_validation_documents(tmp_path, corpus_file):
     prompts = task.prompts(4, 8, seed=3)
     assert len(prompts) == 4 and all(p.shape == (8,) and p.dtype == torch.int64 for p in prompts)
     val_docs = _decode_docs(task, task.corpus().val)
+    eos = task.tokenizer.eos_id
+    assert task.prompt_prefix() == [eos]
     for p in prompts:
-        text = task.tokenizer.decode(p.tolist())
+        assert p[0] == eos  # a prompt opens like a training document (eos_position start)
+        text = task.tokenizer.decode(p[1:].tolist())
         assert any(d.startswith(text) for d in val_docs)
+    closing = TextTask(_task_cfg(tmp_path, [corpus_file[0]], eos_position="end"))
+    assert closing.prompt_prefix() == []
+    for p in closing.prompts(4, 8, seed=3):  # eos_position end: documents' first tokens, nothing before them
+        assert p.shape == (8,) and eos not in p.tolist()
+        assert any(d.startswith(task.tokenizer.decode(p.tolist())) for d in val_docs)
     assert all(torch.equal(a, b) for a, b in zip(prompts, task.prompts(4, 8, seed=3)))
     assert not all(torch.equal(a, b) for a, b in zip(prompts, task.prompts(4, 8, seed=4)))
-    with pytest.raises(ValueError, match="validation documents have at least 10000 tokens"):
+    with pytest.raises(ValueError, match=r"documents have at least 9999 tokens \(prompts of 10000 tokens, EOS included"):
         task.prompts(1, 10000)
 
 
 # ----------------------------------------------------------------------------- training and checkpoints
+
+
+def test_runs_saved_before_eos_position_keep_the_closing_convention(tmp_path):
+    """New configs (the shipped recipes included) open documents with the EOS; a run's config.yaml written
+    before the setting existed (it lists every other setting) reads back with the convention it trained with."""
+    import yaml
+
+    cfg = load_config("text-tinystories-cpu-next-latent")
+    assert cfg.task.eos_position == "start"
+    old = cfg.to_dict()
+    del old["task"]["eos_position"]
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump(old))
+    assert read_run_config(tmp_path / "old.yaml").task.eos_position == "end"
+    (tmp_path / "new.yaml").write_text(cfg.to_yaml())
+    assert read_run_config(tmp_path / "new.yaml") == cfg
+    with pytest.raises(ConfigError, match="task.eos_position='middle'"):
+        config_from_dict({"task": {"name": "text", "eos_position": "middle"}})
+
 
 
 def test_trained_checkpoint_generates_without_the_cache_and_eval_names_missing_files(tmp_path, corpus_file, capsys,

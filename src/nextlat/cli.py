@@ -107,6 +107,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         ids = tok.encode(chat_prompt(resolve_checkpoint(args.checkpoint), args.prompt), special=True)
     else:
         ids = tok.encode(args.prompt)
+        if ids:
+            ids = comps.task.prompt_prefix() + ids  # e.g. the EOS that opens every text document in training
     if not ids:
         raise ValueError("--prompt encodes to no tokens")
     speculative = args.speculative or args.drafter is not None

@@ -51,10 +51,19 @@ class Batch:
         return self.input_ids.numel()
 
 
-def doc_ids_from_eos(input_ids: Tensor, eos_id: int) -> Tensor:
-    """Document index per token for packed rows: the EOS closes its document, the next token opens a new one."""
+def doc_ids_from_eos(input_ids: Tensor, eos_id: int, *, eos_opens: bool) -> Tensor:
+    """Document index per token of packed rows (B, T) -> (B, T), numbered from 0 in each row.
+
+    ``eos_opens=True`` (the official NextLat convention, the text task's default): an EOS opens its
+    document, like a BOS at the document's position 0, and the tokens before a row's first EOS continue a
+    document opened in an earlier row. ``eos_opens=False`` (nextlat 0.1.0): an EOS closes its document and
+    the next token opens a new one.
+    """
     is_eos = (input_ids == eos_id).long()
-    return torch.cumsum(is_eos, dim=1) - is_eos  # (B, T)
+    count = torch.cumsum(is_eos, dim=1)
+    if eos_opens:
+        return count - is_eos[:, :1]  # a row that starts with an EOS starts at document 0 too
+    return count - is_eos
 
 
 def positions_from_doc_ids(doc_ids: Tensor) -> Tensor:

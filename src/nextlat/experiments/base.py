@@ -35,6 +35,9 @@ class Metric:
     """Column label."""
     percent: bool = True
     """Shown multiplied by 100 (the value is a fraction)."""
+    optional: bool = False
+    """Left out of the table when no run reports it (a metric only some configurations compute, e.g. sampled
+    decoding); a required metric gets a column of dashes instead."""
 
 
 SCALES = ("cpu", "gpu", "paper")

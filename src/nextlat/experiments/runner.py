@@ -128,14 +128,15 @@ def report(name: str, scale: str, seeds: list[int], out: Path) -> dict[str, Any]
     if exp.figures is not None:
         result.update(exp.figures(out, arms, seeds))
 
+    shown = [m for m in exp.metrics if not m.optional or any(m.key in r["metrics"] for r in rows)]
     paper_cols = sorted({c for r in rows for c in r["paper"]})
-    head = ["objective", "seeds", *[m.label for m in exp.metrics], *[f"paper {c}" for c in paper_cols]]
+    head = ["objective", "seeds", *[m.label for m in shown], *[f"paper {c}" for c in paper_cols]]
     lines = [f"# {name} ({scale} scale)", "",
              "Each cell: mean ± std over seeds, then every seed's value in brackets.", "",
              "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for r in rows:
         cells = [r["label"], str(len(r["seeds"]))]
-        for m in exp.metrics:
+        for m in shown:
             s = r["metrics"].get(m.key)
             if s is None:
                 cells.append("–")

@@ -228,7 +228,10 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, eos_token: str | None = No
         objective, objective_state = info["objective"], _load(folder / OBJECTIVE_WEIGHTS)
     try:
         cfg = config_from_dict({"run_name": out.name, "model": dataclasses.asdict(m), "objective": objective,
-                                "task": {"name": "text", "eos_token": eos, "vocab_size": tok.vocab_size}})
+                                # An imported model keeps its own document convention: nothing is put before
+                                # its prompts, and fine-tuning closes documents with the EOS.
+                                "task": {"name": "text", "eos_token": eos, "vocab_size": tok.vocab_size,
+                                         "eos_position": "end"}})
     except ConfigError as e:
         raise HFError(f"{folder}: {e}") from None
     if tok.vocab_size > m.vocab_size:

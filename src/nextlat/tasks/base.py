@@ -69,6 +69,11 @@ class Task:
         """One line a person reads first about a final evaluation; by default every metric as key=value."""
         return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
 
+    def prompt_prefix(self) -> list[int]:
+        """Token ids that open every sequence the model was trained on (a BOS), to put before a free-text
+        prompt; none by default."""
+        return []
+
     def prompts(self, n: int, length: int | None = None, seed: int = 0) -> list[Tensor]:
         """``n`` held-out prompts (1-D token-id tensors) for decoding benchmarks."""
         raise NotImplementedError(f"task {self.cfg.name!r} provides no decoding prompts")

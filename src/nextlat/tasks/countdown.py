@@ -16,10 +16,26 @@ the first solution of a fixed depth-first search (:func:`solve`). Arithmetic rul
 solver and the scorer: results are non-negative integers <= 10000, division is exact and never by
 zero.
 
-Every sequence has the same token length (10 prompt tokens, the pauses, 17 answer tokens and EOS),
-so the data is one (n, L) tensor. Token losses cover only the answer and EOS; the pauses belong to
-the prompt. Evaluation greedily decodes test answers and accepts any valid equation chain
-(:func:`score`), not only the generator's.
+Prompt format. The official NextLat code writes the prompt as ``a b c d t`` followed by eight ``|``
+pause tokens (13 tokens); ours (``prompt_format: commas``, the default, what every shipped recipe
+and saved run uses) separates the numbers with commas, closes the prompt with ``|`` and then puts
+``num_pause`` dedicated ``<pause>`` tokens (18 tokens with 8 pauses). Both carry the same
+information; ours gives the model five more constant positions to compute in before the answer (the
+four commas and the separator), the same for every objective. ``prompt_format: official`` writes
+the official prompt (the answer and EOS are the same in both).
+
+Every sequence has the same token length (the prompt, 17 answer tokens and EOS), so the data is one
+(n, L) tensor. Token losses cover only the answer and EOS; the pauses belong to the prompt.
+
+Scoring. Evaluation decodes every test answer greedily (and, with ``eval_temperature`` > 0, once
+more by sampling) and scores each generation two ways (:func:`score`). ``solved`` (the headline
+number) is strict: any valid chain of three equations that uses every input exactly once and ends
+at the target, not only the generator's. ``solved_lax`` is the rule of the official NextLat code,
+as it was described to us: every equation must be well formed and correct, its operands need only
+belong to the numbers available so far (the inputs, the target itself, and the results of earlier
+equations; reuse allowed, inputs may go unused, any number of equations), and the last result must
+be the target. Strictly solved implies lax-solved, not the reverse (``23-14=9,9+14=23,9+14=23`` is
+lax-solved for 14,5,9,7 -> 23).
 """
 
 from __future__ import annotations
@@ -35,6 +51,7 @@ from torch import Tensor
 from nextlat.config import ConfigError, TaskConfig
 from nextlat.data import IGNORE, Batch
 from nextlat.decoding.reference import generate, objective_head
+from nextlat.decoding.sampling import GREEDY, Sampling
 from nextlat.tasks.base import Task
 from nextlat.tasks.vocab import WordTokenizer
 
@@ -44,7 +61,8 @@ NUM_INPUTS = 4
 NUM_EQUATIONS = NUM_INPUTS - 1
 EQ_TOKENS = 5  # x op y = z
 ANSWER_TOKENS = NUM_EQUATIONS * EQ_TOKENS + NUM_EQUATIONS - 1  # equations and the commas between them
-PROMPT_TOKENS = 2 * NUM_INPUTS + 2  # a , b , c , d , target |
+PROMPT_TOKENS = 2 * NUM_INPUTS + 2  # a , b , c , d , target | (prompt_format commas, before the pauses)
+PROMPT_FORMATS = ("commas", "official")
 OPS = ("+", "-", "*", "/")
 
 Equation = tuple[int, str, int, int]  # (x, op, y, z) meaning x op y = z
@@ -69,10 +87,17 @@ class CountdownConfig(TaskConfig):
     """Share of the targets reserved for the out-of-distribution test split (seeded by data_seed)."""
     num_pause: int = 8
     """Pause tokens between the prompt and the answer (not scored)."""
+    prompt_format: str = "commas"
+    """How the numbers and pauses are written: ``commas`` (``14,83,88,91,23|`` then ``num_pause`` ``<pause>``
+    tokens; ours) or ``official`` (``14 83 88 91 23`` then ``num_pause`` ``|`` tokens, the official NextLat code's)."""
     data_seed: int = 0
     """Seed of the problem generator and of the held-out targets (fixed across training seeds)."""
     eval_examples: int = 1000
     """Test problems per split used by each evaluation."""
+    eval_temperature: float = 0.0
+    """0: evaluation decodes greedily only. > 0: it also samples every answer once at this temperature (the
+    official NextLat code samples at 1), seeded by the evaluation's seed, and reports the same scores again
+    under ``*_sampled_*`` keys."""
 
     def validate(self) -> None:
         if not 0 <= self.min_input <= self.max_input <= MAX_VALUE:
@@ -90,9 +115,20 @@ class CountdownConfig(TaskConfig):
                               f"({self.min_target}..{self.max_target}); need at least one on each side")
         if self.num_pause < 0:
             raise ConfigError(f"task.num_pause={self.num_pause}: must be >= 0")
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise ConfigError(f"task.prompt_format={self.prompt_format!r}: must be one of {', '.join(PROMPT_FORMATS)}")
+        if not 0 <= self.eval_temperature < float("inf"):
+            raise ConfigError(f"task.eval_temperature={self.eval_temperature}: must be >= 0 (0 = greedy only)")
         for key in ("num_train", "num_test", "eval_examples"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"task.{key}={getattr(self, key)}: must be >= 1")
+
+
+def prompt_tokens(cfg: CountdownConfig) -> int:
+    """Tokens before the answer: the numbers, their separators and the pauses."""
+    if cfg.prompt_format == "official":
+        return NUM_INPUTS + 1 + cfg.num_pause  # a b c d target, then the pauses
+    return PROMPT_TOKENS + cfg.num_pause
 
 
 def num_held_out(n_targets: int, frac: float) -> int:
@@ -257,6 +293,15 @@ class CountdownTokenizer(WordTokenizer):
     def split(self, text: str) -> list[str]:
         return self._PIECE.findall(text.rstrip())
 
+    def decode(self, ids: list[int]) -> str:
+        """Text of ``ids``; two numbers in a row are written with a space between them (the official prompt)."""
+        out = []
+        for k, i in enumerate(ids):
+            if k and 0 <= i <= MAX_VALUE and 0 <= ids[k - 1] <= MAX_VALUE:
+                out.append(" ")
+            out.append(self.itos[i] if 0 <= i < self.vocab_size else f"<{i}?>")
+        return "".join(out)
+
 
 # ----------------------------------------------------------------------------- problems
 
@@ -318,11 +363,16 @@ def generate_problems(n: int, targets: list[int], min_input: int, max_input: int
     return out
 
 
-def encode_problem(p: Problem, tok: CountdownTokenizer, num_pause: int) -> list[int]:
-    ids: list[int] = []
-    for v in p.numbers:
-        ids += [v, tok.comma_id]
-    ids += [p.target, tok.sep_id] + [tok.pause_id] * num_pause
+def encode_problem(p: Problem, tok: CountdownTokenizer, num_pause: int, prompt_format: str = "commas") -> list[int]:
+    if prompt_format == "official":
+        ids = [*p.numbers, p.target] + [tok.sep_id] * num_pause
+    elif prompt_format == "commas":
+        ids = []
+        for v in p.numbers:
+            ids += [v, tok.comma_id]
+        ids += [p.target, tok.sep_id] + [tok.pause_id] * num_pause
+    else:
+        raise ValueError(f"unknown prompt format {prompt_format!r} (known: {', '.join(PROMPT_FORMATS)})")
     for k, (x, op, y, z) in enumerate(p.solution):
         ids += ([tok.comma_id] if k else []) + [x, tok.stoi[op], y, tok.eq_id, z]
     return ids + [tok.eos_id]
@@ -337,8 +387,11 @@ class Score:
     """len(numbers) - 1 (three) well-formed, correct equations on available numbers, ending at the target."""
     final_eq_valid: bool
     """The last comma-separated equation alone is well formed, arithmetically correct and equals the target."""
+    solved_lax: bool
+    """The official NextLat code's rule: well-formed, correct equations whose operands are inputs, the target or
+    earlier results (reuse allowed, not every input used, any number of equations), the last one giving the target."""
     reason: str = ""
-    """Why the answer is not solved ('' when it is)."""
+    """Why the answer is not (strictly) solved ('' when it is)."""
 
 
 _TOKENIZER: CountdownTokenizer | None = None
@@ -364,13 +417,24 @@ def _parse_equation(ids: list[int], tok: CountdownTokenizer) -> Equation | str:
     return (x, tok.op_ids[op], y, z)
 
 
+def _lax_solved(numbers: tuple[int, ...], target: int, equations: list[Equation | str]) -> bool:
+    """The official rule on parsed comma-separated pieces (a str piece is malformed or wrong)."""
+    available = {*numbers, target}
+    for eq in equations:
+        if isinstance(eq, str) or eq[0] not in available or eq[2] not in available:
+            return False
+        available.add(eq[3])
+    return equations[-1][3] == target
+
+
 def score(numbers: tuple[int, ...] | list[int], target: int, answer: str | list[int] | Tensor) -> Score:
     """Check an answer (text like '83-14=69,91-88=3,69/3=23', or its token ids, without EOS) for a problem.
 
-    Accepts any valid chain of len(numbers) - 1 comma-separated equations ``x op y = z``: each
-    equation's operands are taken from the pool (the inputs, then earlier results, each usable
-    once), its result joins the pool, and the pool must end as just the target (so every input
-    is used exactly once). ``final_eq_valid`` looks at the last comma-separated piece alone.
+    Strict (``solved``): accepts any valid chain of len(numbers) - 1 comma-separated equations
+    ``x op y = z``: each equation's operands are taken from the pool (the inputs, then earlier results,
+    each usable once), its result joins the pool, and the pool must end as just the target (so every
+    input is used exactly once). ``final_eq_valid`` looks at the last comma-separated piece alone.
+    ``solved_lax`` is the official code's rule on the same comma-separated pieces (see :class:`Score`).
     Malformed answers score as unsolved: this raises only on a bad problem, never on the answer.
     """
     numbers = tuple(numbers)
@@ -383,7 +447,7 @@ def score(numbers: tuple[int, ...] | list[int], target: int, answer: str | list[
         try:
             ids = tok.encode(answer)
         except ValueError as e:
-            return Score(False, False, str(e))
+            return Score(False, False, False, str(e))
     else:
         ids = [int(i) for i in (answer.tolist() if isinstance(answer, Tensor) else answer)]
     segments: list[list[int]] = [[]]
@@ -392,24 +456,27 @@ def score(numbers: tuple[int, ...] | list[int], target: int, answer: str | list[
             segments.append([])
         else:
             segments[-1].append(i)
-    last = _parse_equation(segments[-1], tok)
+    equations = [_parse_equation(seg, tok) for seg in segments]
+    last = equations[-1]
     final_ok = not isinstance(last, str) and last[3] == target
+    lax = _lax_solved(numbers, target, equations)
     if len(segments) != n_eq:
-        return Score(False, final_ok, f"{len(segments)} equation(s), expected {n_eq}")
+        return Score(False, final_ok, lax, f"{len(segments)} equation(s), expected {n_eq}")
     pool = Counter(numbers)
-    for seg in segments:
-        eq = _parse_equation(seg, tok)
+    for eq in equations:
         if isinstance(eq, str):
-            return Score(False, final_ok, eq)
+            return Score(False, final_ok, lax, eq)
         x, _, y, z = eq
         need = Counter([x, y])
         if any(pool[v] < c for v, c in need.items()):
-            return Score(False, final_ok, f"{format_equations([eq])}: operands not available in {sorted(pool.elements())}")
+            return Score(False, final_ok, lax,
+                         f"{format_equations([eq])}: operands not available in {sorted(pool.elements())}")
         pool -= need
         pool[z] += 1
     if pool != Counter([target]):
-        return Score(False, final_ok, f"ends with {sorted(pool.elements())}, expected only the target {target}")
-    return Score(True, final_ok)
+        return Score(False, final_ok, lax, f"ends with {sorted(pool.elements())}, expected only the target {target}")
+    assert lax, (numbers, target, equations)  # a strict solution satisfies the lax rule
+    return Score(True, final_ok, True)
 
 
 def score_rows(problems: list[Problem], rows: Tensor) -> list[Score]:
@@ -434,12 +501,13 @@ def score_rows(problems: list[Problem], rows: Tensor) -> list[Score]:
 class CountdownData:
     """Encoded problems as one (n, L) tensor (every sequence has the same length), with the problems."""
 
-    def __init__(self, problems: list[Problem], tok: CountdownTokenizer, num_pause: int):
+    def __init__(self, problems: list[Problem], tok: CountdownTokenizer, cfg: CountdownConfig):
         if not problems:
             raise ValueError("CountdownData needs at least one problem")
         self.problems = problems
-        self.seqs = torch.tensor([encode_problem(p, tok, num_pause) for p in problems], dtype=torch.long)  # (n, L)
-        self.prompt_len = PROMPT_TOKENS + num_pause  # up to the last pause
+        self.seqs = torch.tensor([encode_problem(p, tok, cfg.num_pause, cfg.prompt_format) for p in problems],
+                                 dtype=torch.long)  # (n, L)
+        self.prompt_len = prompt_tokens(cfg)  # up to the last pause
         self.answer_len = ANSWER_TOKENS + 1  # equations and EOS
         assert self.seqs.shape[1] == self.prompt_len + self.answer_len
 
@@ -471,7 +539,7 @@ class CountdownTask(Task):
     @property
     def seq_len(self) -> int:
         """Model input length (the sequence without its last token)."""
-        return PROMPT_TOKENS + self.cfg.num_pause + ANSWER_TOKENS
+        return prompt_tokens(self.cfg) + ANSWER_TOKENS
 
     def problems(self) -> dict[str, list[Problem]]:
         """{'train', 'test_id', 'test_ood'} problems; a pure function of the config."""
@@ -486,7 +554,7 @@ class CountdownTask(Task):
 
     def _data(self, split: str) -> CountdownData:
         if self._splits is None:
-            self._splits = {k: CountdownData(v, self._tok, self.cfg.num_pause) for k, v in self.problems().items()}
+            self._splits = {k: CountdownData(v, self._tok, self.cfg) for k, v in self.problems().items()}
         return self._splits[split]
 
     def train_data(self) -> CountdownData:
@@ -498,9 +566,9 @@ class CountdownTask(Task):
         return self._data(split)
 
     def prompts(self, n: int, length: int | None = None, seed: int = 0) -> list[Tensor]:
-        """Prompts (numbers, target, '|', pauses) of ``n`` in-distribution test problems chosen by ``seed``.
+        """Prompts (numbers, target and pauses) of ``n`` in-distribution test problems chosen by ``seed``.
 
-        ``length`` is ignored: every prompt has PROMPT_TOKENS + num_pause tokens.
+        ``length`` is ignored: every prompt has the same length (:func:`prompt_tokens`).
         """
         data = self.test_data()
         if not 1 <= n <= len(data):
@@ -508,38 +576,54 @@ class CountdownTask(Task):
         chosen = sorted(random.Random(seed).sample(range(len(data)), n))
         return [data.seqs[i, : data.prompt_len].clone() for i in chosen]
 
-    def _decode(self, model, objective, prompt: Tensor) -> Tensor:
-        """(B, P) prompts -> (B, n) greedy answer tokens."""
+    def _decode(self, model, objective, prompt: Tensor, sampling: Sampling = GREEDY,
+                generator: torch.Generator | None = None) -> Tensor:
+        """(B, P) prompts -> (B, n) answer tokens, chosen by ``sampling`` (greedy by default) with ``generator``."""
         P = prompt.shape[1]
         if getattr(objective, "goal_conditioned", False):
             # BST: decode the known-length answer towards the only known suffix, EOS.
             suffix = torch.full((prompt.shape[0], 1), self._tok.eos_id, dtype=prompt.dtype, device=prompt.device)
-            return generate(model, prompt, ANSWER_TOKENS, head=objective.decoding_head(model, suffix))[:, P:]
-        return generate(model, prompt, ANSWER_TOKENS + 1, stop_id=self._tok.eos_id,
-                        head=objective_head(model, objective))[:, P:]
+            return generate(model, prompt, ANSWER_TOKENS, sampling=sampling, generator=generator,
+                            head=objective.decoding_head(model, suffix))[:, P:]
+        return generate(model, prompt, ANSWER_TOKENS + 1, sampling=sampling, generator=generator,
+                        stop_id=self._tok.eos_id, head=objective_head(model, objective))[:, P:]
+
+    def decodings(self) -> list[tuple[str, Sampling]]:
+        """(key infix, sampling) of each decoding an evaluation runs: greedy (''), then sampled when configured."""
+        out = [("", GREEDY)]
+        if self.cfg.eval_temperature > 0:
+            out.append(("_sampled", Sampling(temperature=self.cfg.eval_temperature)))
+        return out
 
     @torch.no_grad()
     def evaluate(self, model, objective=None, *, device="cpu", seed: int = 0,
                  max_examples: int | None = None) -> dict[str, float]:
-        """Greedy decoding on both test splits: shares solved with a valid equation chain
-        (``solved_id``, ``solved_ood``) and with a valid final equation (``final_eq_valid_*``).
+        """Shares of the test problems solved, on both splits (``id``, ``ood``), from the same generations:
+        strictly (``solved_*``, the headline), under the official code's lax rule (``solved_lax_*``) and with a
+        valid final equation (``final_eq_valid_*``); see :func:`score`.
 
-        Decoding goes through the objective's ``decoding_head``; a goal-conditioned one (BST) decodes the
-        17 answer tokens towards the suffix EOS. ``seed`` is unused (decoding is greedy).
+        Decoding is greedy; with ``task.eval_temperature`` > 0 every answer is also sampled once at that
+        temperature and scored the same way (``solved_sampled_*``, ``solved_lax_sampled_*``,
+        ``final_eq_valid_sampled_*``). Each split's sampling starts from a generator seeded with ``seed``, so
+        the sampled metrics are reproducible. Decoding goes through the objective's ``decoding_head``; a
+        goal-conditioned one (BST) decodes the 17 answer tokens towards the suffix EOS.
         """
         n_max = max_examples or self.cfg.eval_examples
         was_training = model.training
         model.eval()
         out = {}
-        for split, tag in (("test_id", "id"), ("test_ood", "ood")):
-            data = self.test_data(split)
-            n = min(len(data), n_max)
-            scores: list[Score] = []
-            for start in range(0, n, self.EVAL_CHUNK):  # chunks bound the memory of large test sets
-                prompt = data.seqs[start : min(n, start + self.EVAL_CHUNK), : data.prompt_len].to(device)
-                scores += score_rows(data.problems[start : start + len(prompt)],
-                                     self._decode(model, objective, prompt).cpu())
-            out[f"solved_{tag}"] = sum(s.solved for s in scores) / n
-            out[f"final_eq_valid_{tag}"] = sum(s.final_eq_valid for s in scores) / n
+        for infix, sampling in self.decodings():
+            for split, tag in (("test_id", "id"), ("test_ood", "ood")):
+                data = self.test_data(split)
+                n = min(len(data), n_max)
+                g = None if sampling.greedy else torch.Generator(device=device).manual_seed(seed)
+                scores: list[Score] = []
+                for start in range(0, n, self.EVAL_CHUNK):  # chunks bound the memory of large test sets
+                    prompt = data.seqs[start : min(n, start + self.EVAL_CHUNK), : data.prompt_len].to(device)
+                    scores += score_rows(data.problems[start : start + len(prompt)],
+                                         self._decode(model, objective, prompt, sampling, g).cpu())
+                out[f"solved{infix}_{tag}"] = sum(s.solved for s in scores) / n
+                out[f"solved_lax{infix}_{tag}"] = sum(s.solved_lax for s in scores) / n
+                out[f"final_eq_valid{infix}_{tag}"] = sum(s.final_eq_valid for s in scores) / n
         model.train(was_training)
         return out

@@ -7,10 +7,16 @@ memory-mapped ``.bin`` files in a cache folder keyed by everything that determin
 
     <cache_dir>/<key>/train.bin  val.bin  tokenizer.json  meta.json
 
-Training examples are non-overlapping packed windows of ``seq_len + 1`` tokens. Documents inside
-a window are separated by their EOS: ``doc_ids`` restart attention and RoPE positions after each
-EOS, and the target at an EOS position (the first token of the next document, which the model
-cannot see under document masking) is ignored.
+Training examples are non-overlapping packed windows of ``seq_len + 1`` tokens, cut from the stream
+with one more EOS in front of the first document, so that every document reads ``<eos> x_1 .. x_n``
+and is followed by the next one's EOS. By default (``eos_position: start``, the official NextLat
+code's convention) the EOS *opens* its document: it sits at the document's position 0 like a BOS and
+predicts the first token x_1, and x_n predicts the EOS of the next document (the end of this one).
+Every target of a window is then scored; ``doc_ids`` keep attention inside each document and restart
+RoPE positions at each EOS. ``eos_position: end`` is the convention of nextlat before it (runs saved
+without the setting read back with it): the EOS closes its document, the next token opens a new one
+at position 0 and is never a target (the target at an EOS position is ignored), so x_1 of every
+document goes unpredicted. The cached token streams are the same for both.
 
 The trained tokenizer travels with every checkpoint (:meth:`TextTask.artifacts`), so a saved
 model can be used for generation from its checkpoint folder alone.
@@ -46,6 +52,7 @@ CACHE_FORMAT = "nextlat-text-cache-v1"
 STDLIB = "stdlib"
 MIN_VOCAB = 257  # 256 byte symbols + <eos>: a byte-level BPE cannot be smaller
 DEFAULT_PROMPT_LEN = 64
+EOS_POSITIONS = ("start", "end")
 # Files of an imported Hugging Face model that its checkpoints carry along (nextlat.interop.hf writes them):
 # the tokenizer's settings and chat template, its special tokens, generation defaults and the original config.json.
 HF_FILES = ("tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json", "generation_config.json",
@@ -69,8 +76,9 @@ class TextConfig(TaskConfig):
     tokenizer: str = ""
     """Path to a saved ``tokenizer.json`` (HF tokenizers) to use as is; empty: train one on the training split."""
     eos_token: str = EOS
-    """The token that closes every document (and stops generation). A tokenizer without ``<eos>`` gets it added
-    (one more id); any other name must already be in the tokenizer, e.g. ``<|im_end|>`` of an imported model."""
+    """The token between documents (which one it belongs to: ``eos_position``); it also stops generation. A
+    tokenizer without ``<eos>`` gets it added (one more id); any other name must already be in the tokenizer,
+    e.g. ``<|im_end|>`` of an imported model."""
     seq_len: int = 256
     """Tokens per training window (the model sees seq_len inputs and seq_len shifted targets)."""
     val_fraction: float = 0.1
@@ -81,6 +89,11 @@ class TextConfig(TaskConfig):
     """Folder of the tokenized corpora; empty: ``$NEXTLAT_CACHE/text``, or ``~/.cache/nextlat/text`` when unset."""
     eval_tokens: int = 65536
     """Validation targets scored per evaluation: the first ceil(eval_tokens / seq_len) windows; 0 = all."""
+    eos_position: str = "start"
+    """Where a document's EOS belongs in packed windows: ``start`` (it opens the document at position 0 and
+    predicts its first token; the official NextLat convention) or ``end`` (it closes the document and the
+    first token is never predicted; nextlat before this setting, and imported models, which keep their
+    own conventions). Text prompts of a ``start`` model begin with the EOS (:meth:`TextTask.prompt_prefix`)."""
 
     def validate(self) -> None:
         if not self.files:
@@ -99,6 +112,8 @@ class TextConfig(TaskConfig):
             raise ConfigError(f"task.val_fraction={self.val_fraction}: must be in (0, 1)")
         if self.eval_tokens < 0:
             raise ConfigError(f"task.eval_tokens={self.eval_tokens}: must be >= 0 (0 = every validation window)")
+        if self.eos_position not in EOS_POSITIONS:
+            raise ConfigError(f"task.eos_position={self.eos_position!r}: must be one of {', '.join(EOS_POSITIONS)}")
 
     def with_absolute_paths(self) -> TextConfig:
         def absolute(path: str) -> str:
@@ -441,12 +456,20 @@ def _build(cfg: TextConfig, files: list[Path], tokenizer: BPETokenizer | None, k
 
 
 class PackedWindows:
-    """Non-overlapping windows of ``seq_len + 1`` tokens over a token stream (stride ``seq_len``)."""
+    """Non-overlapping windows of ``seq_len + 1`` tokens over a token stream (stride ``seq_len``).
 
-    def __init__(self, stream: Tensor, seq_len: int, eos_id: int):
-        self.stream, self.seq_len, self.eos_id = stream, seq_len, eos_id
-        self.n = max(0, (len(stream) - 1) // seq_len)
-        self._offsets = torch.arange(seq_len + 1)
+    ``eos_position="start"``: the windows cut ``[EOS] + stream`` (the first document gets its opening EOS
+    too, without copying the stream), every target is scored and an EOS opens its document.
+    ``"end"``: they cut the stream itself, an EOS closes its document and the target after it is ignored.
+    """
+
+    def __init__(self, stream: Tensor, seq_len: int, eos_id: int, eos_position: str = "start"):
+        if eos_position not in EOS_POSITIONS:
+            raise ValueError(f"eos_position={eos_position!r}: must be one of {', '.join(EOS_POSITIONS)}")
+        self.stream, self.seq_len, self.eos_id, self.eos_position = stream, seq_len, eos_id, eos_position
+        self.lead = 1 if eos_position == "start" else 0  # the EOS in front of the first document
+        self.n = max(0, (len(stream) + self.lead - 1) // seq_len)
+        self._offsets = torch.arange(seq_len + 1) - self.lead
 
     def __len__(self) -> int:
         return self.n
@@ -455,12 +478,15 @@ class PackedWindows:
         indices = torch.as_tensor(indices, dtype=torch.long)
         if indices.numel() and (indices.min() < 0 or indices.max() >= self.n):
             raise IndexError(f"window index out of range [0, {self.n})")
-        idx = indices[:, None] * self.seq_len + self._offsets  # (B, T + 1)
-        window = self.stream[idx].long()  # (B, T + 1)
+        idx = indices[:, None] * self.seq_len + self._offsets  # (B, T + 1) stream positions; -1: the leading EOS
+        window = self.stream[idx.clamp(min=0)].long()  # (B, T + 1)
+        window[idx < 0] = self.eos_id
         inputs, targets = window[:, :-1], window[:, 1:].clone()  # (B, T) each
-        # After an EOS comes the next document, which document masking keeps out of sight: nothing to predict.
-        targets[inputs == self.eos_id] = IGNORE
-        return Batch(inputs, targets, doc_ids_from_eos(inputs, self.eos_id))
+        opens = self.eos_position == "start"
+        if not opens:
+            # After a closing EOS comes the next document, which document masking keeps out of sight.
+            targets[inputs == self.eos_id] = IGNORE
+        return Batch(inputs, targets, doc_ids_from_eos(inputs, self.eos_id, eos_opens=opens))
 
 
 class TextTask(Task):
@@ -535,7 +561,7 @@ class TextTask(Task):
     def _windows(self, split: str) -> PackedWindows:
         corpus = self.corpus()
         stream = corpus.train if split == "train" else corpus.val
-        data = PackedWindows(stream, self.cfg.seq_len, corpus.tokenizer.eos_id)
+        data = PackedWindows(stream, self.cfg.seq_len, corpus.tokenizer.eos_id, self.cfg.eos_position)
         if len(data) == 0:
             raise ConfigError(f"task.seq_len={self.cfg.seq_len}: the {split} split has only {len(stream)} tokens, "
                               f"fewer than one window of seq_len + 1 (use more text, a larger task.val_fraction "
@@ -588,19 +614,29 @@ class TextTask(Task):
             self._doc_spans = [(s, e - s) for s, e in zip(starts, ends)]
         return self._doc_spans
 
-    def prompts(self, n: int, length: int | None = None, seed: int = 0) -> list[Tensor]:
-        """``n`` prompts of ``length`` tokens (default 64), each the start of a different validation document.
+    def prompt_prefix(self) -> list[int]:
+        """[EOS] when documents open with their EOS (``eos_position: start``): a prompt then starts as a document
+        did in training. Nothing with ``end``."""
+        return [self.tokenizer.eos_id] if self.cfg.eos_position == "start" else []
 
-        Documents shorter than ``length`` are skipped; which documents are used is a pure function of
+    def prompts(self, n: int, length: int | None = None, seed: int = 0) -> list[Tensor]:
+        """``n`` prompts of ``length`` tokens (default 64), each the start of a different validation document,
+        opened by :meth:`prompt_prefix` (which counts in ``length``).
+
+        Documents too short for ``length`` are skipped; which documents are used is a pure function of
         ``seed``. Returns 1-D int64 tensors.
         """
         length = length or DEFAULT_PROMPT_LEN
-        if n < 1 or length < 1:
-            raise ValueError(f"prompts: n={n} and length={length} must be >= 1")
-        eligible = [s for s, size in self._val_documents() if size >= length]
+        prefix = self.prompt_prefix()
+        if n < 1 or length < 1 + len(prefix):
+            raise ValueError(f"prompts: n={n} must be >= 1 and length={length} >= {1 + len(prefix)}")
+        body = length - len(prefix)
+        eligible = [s for s, size in self._val_documents() if size >= body]
         if len(eligible) < n:
-            raise ValueError(f"only {len(eligible)} validation documents have at least {length} tokens; "
-                             f"ask for fewer than n={n} prompts or a shorter length")
+            raise ValueError(f"only {len(eligible)} validation documents have at least {body} tokens (prompts of "
+                             f"{length} tokens{', EOS included' if prefix else ''}); ask for fewer than n={n} "
+                             "prompts or a shorter length")
         chosen = sorted(random.Random(seed).sample(eligible, n))
         val = self.corpus().val
-        return [val[s : s + length].to(torch.int64) for s in chosen]
+        head = torch.tensor(prefix, dtype=torch.int64)
+        return [torch.cat([head, val[s : s + body].to(torch.int64)]) for s in chosen]

@@ -209,7 +209,13 @@ _FLAT_OBJECTIVE_KEYS = {"horizon", "lambda_h", "lambda_kl", "proj_factor", "lamb
 
 def upgrade_config(data: dict[str, Any]) -> dict[str, Any]:
     """A saved configuration in today's form: the flat objective section of nextlat 0.1.0 keeps only the
-    settings its objective reads (the others never changed what was trained)."""
+    settings its objective reads (the others never changed what was trained), and a text task saved before
+    ``task.eos_position`` existed gets the convention it was trained with, ``end`` (the default is ``start``).
+
+    A saved config lists every setting, so a missing key means a config written before the key existed."""
+    task = data.get("task")
+    if isinstance(task, dict) and task.get("name") == "text" and "eos_position" not in task:
+        data = {**data, "task": {**task, "eos_position": "end"}}
     objective = data.get("objective")
     if isinstance(objective, dict) and isinstance(objective.get("name"), str):
         try:
