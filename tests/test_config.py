@@ -218,7 +218,7 @@ def test_shipped_recipes_resolve_as_in_0_1_0():
     distributed-training settings) must hold their defaults, which reproduce 0.1.0; they are then left out
     of the comparison."""
     before = json.loads((Path(__file__).parent / "data" / "recipes-resolved-0.1.0.json").read_text())
-    assert sorted(before) == recipe_names()
+    assert set(before) <= set(recipe_names())  # recipes added since (lm-*) have no 0.1.0 form to compare with
     for name, old in before.items():
         new = load_config(name).to_dict()
         defaults = {"model": dataclasses.asdict(ModelConfig()), "train": dataclasses.asdict(TrainConfig()),
