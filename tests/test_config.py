@@ -221,7 +221,7 @@ def test_shipped_recipes_resolve_as_in_0_1_0():
     first token is scored), where 0.1.0 closed documents with it; a run saved before the setting reads back
     with ``end`` (``upgrade_config``, tested in test_text.py)."""
     before = json.loads((Path(__file__).parent / "data" / "recipes-resolved-0.1.0.json").read_text())
-    assert sorted(before) == recipe_names()
+    assert set(before) <= set(recipe_names())  # recipes added since (lm-*) have no 0.1.0 form to compare with
     for name, old in before.items():
         new = load_config(name).to_dict()
         defaults = {"model": dataclasses.asdict(ModelConfig()), "train": dataclasses.asdict(TrainConfig()),

@@ -145,14 +145,14 @@ def test_cli_experiment_trains_only_the_named_arms(tiny_experiment, tmp_path, ca
 
 def test_cli_experiment_errors_exit_2(capsys):
     assert main(["experiment", "mystery"]) == 2
-    assert "unknown experiment 'mystery' (known: a5, countdown, manhattan, pathstar)" in capsys.readouterr().err
+    assert "unknown experiment 'mystery' (known: a5, countdown, lm, manhattan, pathstar)" in capsys.readouterr().err
     assert main(["experiment", "pathstar", "--seeds", "0"]) == 2
 
 
 @pytest.mark.parametrize("name", sorted(registry.EXPERIMENTS))
 def test_shipped_experiments_plan_from_shipped_recipes(name, tmp_path):
     scales = {"pathstar": ["cpu", "paper"], "countdown": ["cpu", "paper"], "a5": ["cpu", "gpu", "paper"],
-              "manhattan": ["cpu", "gpu", "paper"]}[name]
+              "manhattan": ["cpu", "gpu", "paper"], "lm": ["cpu"]}[name]
     for scale in SCALES:
         if scale in scales:
             jobs = plan(name, scale, [0], tmp_path)
@@ -299,3 +299,71 @@ def test_run_jobs_puts_one_job_on_each_device(tmp_path, monkeypatch):
     jobs = [Job(tmp_path / f"r{i}", "pathstar-demo", i) for i in range(3)]
     assert sweep.run_jobs(jobs, devices=["2", "5"]) == []
     assert started == ["2", "5", "2"]
+
+
+def test_lm_report_tabulates_probes_of_every_seed_and_draws_them_relative_to_gpt(tmp_path, capsys):
+    """The lm experiment's table and figure from fake finished runs whose probes are cached (nothing is loaded or
+    fitted): every seed's value, mean ± std, and each arm's probe CE minus GPT's of the same seed."""
+    from nextlat.analysis.probes import ProbeSettings
+    from nextlat.experiments.lm import PROBES_FILE, corpus_task_overrides
+
+    settings = ProbeSettings()
+    ks = list(settings.ks)
+    out = tmp_path / "exp"
+    gain = {"next-token": 0.0, "next-latent-d1": 0.0, "next-latent-d8": 0.1, "mtp-d8": 0.05}
+    config = registry.load_config("lm-cpu-next-token").to_yaml()
+    for slug, g in gain.items():
+        for s in (0, 1):
+            run = out / slug / f"seed_{s}"
+            run.mkdir(parents=True)
+            (run / "config.yaml").write_text(config)
+            (run / "results.json").write_text(json.dumps({"step": 400, "eval": {"val_ppl": 40.0 + s + g}}))
+            ce = [3.0 + 0.1 * k + 0.01 * s - g * k / 20 for k in ks]  # the gain grows with k
+            (run / PROBES_FILE).write_text(json.dumps({
+                "settings": settings.to_dict(), "step": 400, "ks": ks, "ce": ce, "acc": [0.1] * len(ks),
+                "unigram_ce": [6.0] * len(ks), "eff_rank": 50.0 + s, "head_ce": 2.9}))
+    ref = tmp_path / "smollm2"
+    (out / "reference-smollm2.json").write_text(json.dumps({
+        "reference": str(ref.resolve()), "settings": settings.to_dict(),
+        "task_overrides": corpus_task_overrides(out / "next-token" / "seed_0"), "vocab_size": 49152, "d_model": 576,
+        "classes": 1024, "ks": ks, "ce": [2.0 + 0.05 * k for k in ks], "acc": [0.3] * len(ks),
+        "head_ce": 1.9, "eff_rank": 80.0, "unigram_ce": [6.5] * len(ks)}))
+
+    result = report("lm", "cpu", [0, 1], out, {"reference": str(ref), "probe": []})
+    rows = {r["label"]: r for r in result["rows"]}
+    assert list(rows) == ["GPT", "NextLat d=1", "NextLat d=8", "MTP d=8"]
+    nl8 = rows["NextLat d=8"]["metrics"]
+    assert nl8["probe_ce_20"]["per_seed"] == pytest.approx([5.0 - 0.1, 5.01 - 0.1])
+    assert nl8["probe_ce_20"]["mean"] == pytest.approx(4.905) and nl8["eff_rank"]["per_seed"] == [50.0, 51.0]
+    assert nl8["val_ppl"]["per_seed"] == pytest.approx([40.1, 41.1])
+    rel = result["probe_curves"]["relative"]
+    assert set(rel) == {"NextLat d=1", "NextLat d=8", "MTP d=8"}  # GPT is the zero line
+    assert rel["NextLat d=8"]["mean"][ks.index(20)] == pytest.approx(-0.1)
+    assert rel["MTP d=8"]["mean"][ks.index(10)] == pytest.approx(-0.025) and rel["MTP d=8"]["n"] == 2
+    assert result["reference"]["ce"][0] == pytest.approx(2.05)
+    assert (out / "lm_probes.png").stat().st_size > 0 and (out / "lm.png").stat().st_size > 0
+    md = (out / "results.md").read_text()
+    assert "| NextLat d=8 | 2 | 40.600 ± 0.707 [40.100, 41.100] |" in md
+    assert "| NextLat d=8 | 2 | -0.005 ± 0.000 | -0.010 ± 0.000 | -0.025 ± 0.000 | -0.050 ± 0.000 | -0.100 ± 0.000 |" in md
+    assert "Reference" in md and "only the shape over k compares" in md
+    with pytest.raises(ConfigError, match="takes no option graph"):
+        report("lm", "cpu", [0, 1], out, {"graph": "x"})
+
+
+def test_lm_corpus_option_sets_files_and_folder(tmp_path, monkeypatch):
+    from nextlat.experiments.lm import corpus_overrides
+
+    assert corpus_overrides("pystdlib") == ([], "")
+    text = tmp_path / "tales.txt"
+    text.write_text("one\n\ntwo\n")
+    sets, tag = corpus_overrides(str(text))
+    cfg = registry.load_config("lm-cpu-next-token", sets)
+    assert cfg.task.files == [str(text.resolve())] and cfg.task.doc_separator == "\n\n" and tag == "tales"
+    sets, _ = corpus_overrides(str(tmp_path))  # a folder: one document per file
+    assert registry.load_config("lm-cpu-next-token", sets).task.doc_separator == ""
+    monkeypatch.chdir(tmp_path)  # no shared data folder next to it
+    with pytest.raises(ConfigError, match="TinyStories sample"):
+        corpus_overrides("stories")
+    with pytest.raises(ConfigError, match="no such file"):
+        corpus_overrides("nothing-here.txt")
+    assert main(["experiment", "countdown", "--corpus", "stories"]) == 2

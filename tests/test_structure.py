@@ -22,6 +22,7 @@ LAYERS = [
     {"nextlat.objectives", "nextlat.tasks"},
     {"nextlat.registry"},
     {"nextlat.training"},
+    {"nextlat.analysis"},
     {"nextlat.experiments", "nextlat.bench", "nextlat.interop"},
     {"nextlat.cli", "nextlat.__main__"},
 ]

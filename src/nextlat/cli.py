@@ -85,6 +85,30 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_probe(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from nextlat.analysis.probes import parse_probe_settings, probe_run
+    from nextlat.training.checkpoint import atomic_write_text
+
+    settings = parse_probe_settings(args.probe)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    r = probe_run(args.checkpoint, settings, task_overrides=args.set, device=args.device)
+    print(f"{args.checkpoint} (step {r['step']}, vocabulary {r['vocab_size']}, {r['classes']} probe classes): "
+          f"{r['n_eval'][0]} held-out states, {r['seconds']:.0f} s")
+    print("   k  probe CE  probe acc  unigram CE")
+    for k, ce, acc, uni in zip(r["ks"], r["ce"], r["acc"], r["unigram_ce"]):
+        print(f"{k:4d}  {ce:8.3f}  {100 * acc:8.2f}%  {uni:10.3f}")
+    print(f"effective rank {r['eff_rank']:.2f}; the model's own head at k=1: CE {r['head_ce']:.3f} "
+          f"(perplexity {r['head_ppl']:.2f})")
+    if args.json:
+        atomic_write_text(Path(args.json), json.dumps(r, indent=1) + "\n")
+    return 0
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
@@ -184,8 +208,17 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     from nextlat.experiments.runner import default_folder, report, run_experiment
 
     seeds = list(range(args.seeds))
-    out = Path(args.out or default_folder(args.name, args.scale, args.graph))
-    overrides = list(args.set)
+    overrides, tag, options = list(args.set), "", {}
+    if args.name == "lm":
+        from nextlat.experiments.lm import check_options, corpus_overrides
+
+        corpus, tag = corpus_overrides(args.corpus or "pystdlib")
+        overrides = corpus + overrides  # the user's --set comes after, and wins
+        check_options(args.reference, args.probe)
+        options = {"reference": args.reference, "probe": args.probe}
+    elif args.corpus or args.reference or args.probe:
+        raise ValueError(f"--corpus, --reference and --probe apply to the lm experiment, not {args.name!r}")
+    out = Path(args.out or default_folder(args.name, args.scale, args.graph, tag=tag))
     if args.graph:
         graph = Path(args.graph)
         if args.name != "manhattan":
@@ -196,10 +229,10 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     if args.report:
         if not out.is_dir():
             raise FileNotFoundError(f"--report: no experiment folder {str(out)!r}; run the experiment first or pass --out")
-        report(args.name, args.scale, seeds, out)
+        report(args.name, args.scale, seeds, out, options)
     else:
         run_experiment(args.name, scale=args.scale, seeds=seeds, parallel=args.jobs, out=out, overrides=overrides,
-                       arms=args.arms, devices=args.devices.split(",") if args.devices else None)
+                       arms=args.arms, devices=args.devices.split(",") if args.devices else None, options=options)
     print(f"[experiment] table: {out / 'results.md'}", file=sys.stderr)
     return 0
 
@@ -378,6 +411,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate with other task settings, e.g. --set 'task.eval_lengths=[18]' (repeatable)")
     e.set_defaults(func=_cmd_eval)
 
+    pr = sub.add_parser("probe", help="k-ahead linear probes and effective rank of a text run's hidden states")
+    pr.add_argument("checkpoint", help="checkpoint folder or run folder (newest checkpoint), e.g. made by import-hf")
+    pr.add_argument("--set", action="append", default=[], metavar="task.KEY=VALUE",
+                   help="other task settings, e.g. another corpus: --set 'task.files=[stdlib]' (repeatable)")
+    pr.add_argument("--probe", action="append", default=[], metavar="KEY=VALUE",
+                   help="a probe setting (nextlat.analysis.probes.ProbeSettings), e.g. --probe steps=100 (repeatable)")
+    pr.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    pr.add_argument("--device", default="auto")
+    pr.add_argument("--json", help="also write the full result to this JSON file")
+    pr.set_defaults(func=_cmd_probe)
+
     g = sub.add_parser("generate", help="continue a prompt with a checkpoint")
     g.add_argument("checkpoint", help="checkpoint folder, run folder (newest checkpoint) or Hugging Face folder")
     g.add_argument("--prompt", required=True, help="prompt text in the task's tokenizer")
@@ -497,7 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_sweep)
 
     x = sub.add_parser("experiment", help="train every objective of a paper experiment over seeds; write table and plots")
-    x.add_argument("name", help="pathstar, countdown, a5 or manhattan")
+    x.add_argument("name", help="pathstar, countdown, a5, manhattan or lm")
     x.add_argument("--scale", default="cpu", choices=["cpu", "gpu", "paper"],
                    help="recipe scale: cpu (minutes on a CPU), gpu (minutes on one GPU; a5 and manhattan), paper (GPU days)")
     x.add_argument("--seeds", type=_count(1), default=3, help="number of seeds (0..N-1) per objective")
@@ -510,6 +554,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "default: the procedural city")
     x.add_argument("--arms", nargs="+", metavar="ARM", help="train only these arms, in this order (folder names, "
                    "e.g. next-token next-latent-d8); the table still covers every finished run")
+    x.add_argument("--corpus", help="lm: pystdlib (default: Python's standard library), stories (the shared "
+                   "TinyStories sample) or a text file (documents at blank lines), folder or glob (a document per file)")
+    x.add_argument("--reference", metavar="RUN", help="lm: also probe this run or checkpoint (e.g. made by import-hf) "
+                   "on the same documents, in its own tokenizer (only the shape of its curve compares)")
+    x.add_argument("--probe", action="append", default=[], metavar="KEY=VALUE",
+                   help="lm: a probe setting (nextlat.analysis.probes.ProbeSettings), e.g. --probe steps=50 (repeatable)")
     x.add_argument("--report", action="store_true", help="only rewrite the table and figures from finished runs")
     x.set_defaults(func=_cmd_experiment)
 

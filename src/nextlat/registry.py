@@ -42,6 +42,7 @@ EXPERIMENTS: dict[str, str] = {
     "countdown": "nextlat.experiments.countdown:EXPERIMENT",
     "a5": "nextlat.experiments.a5:EXPERIMENT",
     "manhattan": "nextlat.experiments.manhattan:EXPERIMENT",
+    "lm": "nextlat.experiments.lm:EXPERIMENT",
 }
 
 

@@ -52,10 +52,17 @@ class Experiment:
     paper: dict[str, dict[str, float]] = field(default_factory=dict)
     """The paper's values: arm label -> metric label -> value (as printed in the paper)."""
     paper_note: str = ""
-    figures: Callable[[Path, list[Arm], list[int]], dict[str, Any]] | None = None
-    """Draws the figures into the folder; returns extra results for results.json (e.g. curves)."""
+    figures: Callable[..., dict[str, Any]] | None = None
+    """``figures(folder, arms, seeds, **options)`` draws the figures into the folder and returns extra results for
+    results.json (e.g. curves); a list of lines under ``"notes"`` is appended to results.md instead."""
     scales: tuple[str, ...] = SCALES
     """Scales with recipes: cpu (minutes on a CPU), gpu (minutes on one GPU), paper (the paper's set-up)."""
+    run_metrics: Callable[..., dict[str, float]] | None = None
+    """``run_metrics(run_folder, **options)``: metrics computed after training from a finished run (e.g. probes of
+    its frozen model), merged into that run's final evaluation for the table; {} for a run it cannot measure."""
+    options: tuple[str, ...] = ()
+    """Names of the experiment's own options (e.g. the lm experiment's reference run), passed by the runner as
+    keyword arguments to ``figures`` and ``run_metrics``."""
 
 
 def objective_arms(task: str, scale: str, horizons: dict[str, list[int]]) -> list[Arm]:

@@ -53,3 +53,45 @@ def plot_curves(curves: dict[str, dict[str, list[float]]], path: Path, *, xlabel
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_curve_panels(panels: list[dict[str, Any]], path: Path, *, title: str = "") -> Path:
+    """Side-by-side panels of :func:`plot_curves`-style lines. Each panel: ``curves`` (label -> ``{"x", "mean",
+    "std"}``, optionally ``"style"``: a matplotlib line style, ``"color"``, ``"right": True`` for a second y axis),
+    ``xlabel``, ``ylabel``, optional ``title``, ``right_label`` and ``hline`` (a labelled horizontal line:
+    ``(y, label)``). A label keeps its colour across panels."""
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.0 * len(panels), 4.0), squeeze=False)
+    colours: dict[str, str] = {}
+    for ax, panel in zip(axes[0], panels):
+        twin = None
+        handles = []
+        if panel.get("hline") is not None:
+            y, label = panel["hline"]
+            handles.append(ax.axhline(y, color="k", lw=0.8, ls=":", label=label))
+        for label, c in panel["curves"].items():
+            colour = colours.setdefault(label, c.get("color") or f"C{len(colours)}")
+            target = ax
+            if c.get("right"):
+                twin = twin or ax.twinx()
+                target = twin
+            x, m, s = c["x"], c["mean"], c.get("std") or [0.0] * len(c["x"])
+            (line,) = target.plot(x, m, label=label, color=colour, ls=c.get("style", "-"), marker=".", ms=4)
+            target.fill_between(x, [a - b for a, b in zip(m, s)], [a + b for a, b in zip(m, s)], color=colour,
+                                alpha=0.15)
+            handles.append(line)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel(panel["xlabel"])
+        ax.set_ylabel(panel["ylabel"])
+        if twin is not None:
+            twin.set_ylabel(panel.get("right_label", ""))
+        ax.set_title(panel.get("title", ""), fontsize=10)
+        ax.legend(handles=handles, fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

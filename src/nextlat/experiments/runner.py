@@ -73,23 +73,34 @@ def plan(name: str, scale: str, seeds: list[int], out: Path, overrides: list[str
     return jobs
 
 
-def default_folder(name: str, scale: str, graph: str | Path | None = None) -> Path:
+def default_folder(name: str, scale: str, graph: str | Path | None = None, *, tag: str = "") -> Path:
     """``runs/experiments/<name>-<scale>``, then ``-<graph file name>`` for runs on a given street graph (so
-    they never share a folder with the procedural city's runs)."""
-    tag = f"-{Path(graph).stem}" if graph else ""
+    they never share a folder with the procedural city's runs), or ``-<tag>`` (e.g. the lm experiment's corpus)."""
+    tag = f"-{Path(graph).stem}" if graph else f"-{tag}" if tag else ""
     return Path(f"runs/experiments/{name}-{scale}{tag}")
+
+
+def check_options(exp: Experiment, options: dict[str, Any] | None) -> dict[str, Any]:
+    """The experiment's own options (``Experiment.options``); refuses any other name."""
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(exp.options))
+    if unknown:
+        raise ConfigError(f"the {exp.name} experiment takes no option {', '.join(unknown)}"
+                          + (f" (it takes {', '.join(exp.options)})" if exp.options else ""))
+    return options
 
 
 def run_experiment(name: str, *, scale: str = "cpu", seeds: list[int] = (0, 1, 2), parallel: int = 1,
                    out: Path | None = None, overrides: list[str] = (), arms: list[str] | None = None,
-                   devices: list[str] | None = None) -> dict[str, Any]:
+                   devices: list[str] | None = None, options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train the experiment's runs that have not finished (one per GPU of ``devices`` when given), then tabulate
-    every finished run (all arms, also those left out by ``arms``)."""
+    every finished run (all arms, also those left out by ``arms``). ``options``: the experiment's own."""
     out = Path(out or default_folder(name, scale))
+    check_options(get_experiment(name), options)
     jobs = plan(name, scale, list(seeds), out, overrides, arms)
     out.mkdir(parents=True, exist_ok=True)
     failed = run_jobs(jobs, parallel, devices)
-    result = report(name, scale, list(seeds), out)
+    result = report(name, scale, list(seeds), out, options)
     if failed:
         raise RuntimeError(f"{len(failed)} run(s) failed ({', '.join(str(j.run_dir) for j in failed)}); "
                            f"the table covers the others")
@@ -100,14 +111,18 @@ def _fmt(v: float, percent: bool) -> str:
     return f"{100 * v:.1f}" if percent else f"{v:.3f}"
 
 
-def report(name: str, scale: str, seeds: list[int], out: Path) -> dict[str, Any]:
+def report(name: str, scale: str, seeds: list[int], out: Path, options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write ``results.md`` / ``results.json`` (and figures) from the finished runs under ``out``."""
     check_scale(name, scale)
     exp = get_experiment(name)
+    options = check_options(exp, options)
     arms = exp.arms(scale)
     rows = []
     for arm in arms:
         per_seed = seed_results(out / arm.slug, seeds)
+        if exp.run_metrics is not None:
+            for run in finished_runs(out / arm.slug, seeds):
+                per_seed[int(run.name.removeprefix("seed_"))].update(exp.run_metrics(run, **options))
         steps = sorted({json.loads((run / "results.json").read_text())["step"]
                         for run in finished_runs(out / arm.slug, seeds)})
         row = {"label": arm.label, "recipe": arm.recipe, "overrides": list(arm.overrides),
@@ -125,8 +140,11 @@ def report(name: str, scale: str, seeds: list[int], out: Path) -> dict[str, Any]
         first = exp.metrics[0]
         plot_bars(rows, first.key, first.label, out / f"{name}.png", title=f"{name} ({scale} scale)",
                   percent=first.percent)
+    notes: list[str] = []
     if exp.figures is not None:
-        result.update(exp.figures(out, arms, seeds))
+        extra = exp.figures(out, arms, seeds, **options)
+        notes = extra.pop("notes", [])
+        result.update(extra)
 
     shown = [m for m in exp.metrics if not m.optional or any(m.key in r["metrics"] for r in rows)]
     paper_cols = sorted({c for r in rows for c in r["paper"]})
@@ -147,6 +165,8 @@ def report(name: str, scale: str, seeds: list[int], out: Path) -> dict[str, Any]
         lines.append("| " + " | ".join(cells) + " |")
     if exp.paper_note:
         lines += ["", exp.paper_note]
+    if notes:
+        lines += ["", *notes]
     trained = {r["label"]: ", ".join(map(str, r["steps"])) for r in rows if r["steps"]}
     if len(set(trained.values())) == 1:
         lines += ["", f"Steps trained, from the runs: {next(iter(trained.values()))} (every run)."]
