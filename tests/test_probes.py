@@ -136,7 +136,8 @@ def text_run(tmp_path_factory):
     cfg = config_from_dict({
         "run_name": "tiny-text", "model": {"n_layer": 2, "n_head": 2, "d_model": 32, "max_seq_len": 32},
         "objective": {"name": "next_token"},
-        "task": {"name": "text", "files": [str(tmp / "corpus.txt")], "doc_separator": SEP, "eos_position": "end", "vocab_size": 300,
+        "task": {"name": "text", "files": [str(tmp / "corpus.txt")], "doc_separator": SEP, "eos_position": "end",
+                 "vocab_size": 300,
                  "seq_len": 32, "val_fraction": 0.2, "cache_dir": str(tmp / "cache"), "eval_tokens": 0},
         "train": {"steps": 3, "batch_size": 4, "lr": 1e-3, "log_every": 1, "progress": False, "device": "cpu",
                   "precision": "fp32"},
