@@ -361,6 +361,9 @@ def test_lm_corpus_option_sets_files_and_folder(tmp_path, monkeypatch):
     assert cfg.task.files == [str(text.resolve())] and cfg.task.doc_separator == "\n\n" and tag == "tales"
     sets, _ = corpus_overrides(str(tmp_path))  # a folder: one document per file
     assert registry.load_config("lm-cpu-next-token", sets).task.doc_separator == ""
+    sets, tag = corpus_overrides(str(tmp_path / "books" / "*.txt"))  # a pattern: one document per file
+    assert tag == "books" and registry.load_config("lm-cpu-next-token", sets).task.files == [
+        str(tmp_path / "books" / "*.txt")]
     monkeypatch.chdir(tmp_path)  # no shared data folder next to it
     with pytest.raises(ConfigError, match="TinyStories sample"):
         corpus_overrides("stories")

@@ -16,6 +16,8 @@ classes), so only the shape of its curve compares.
 from __future__ import annotations
 
 import json
+import os
+import re
 import statistics
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,7 @@ def corpus_overrides(corpus: str) -> tuple[list[str], str]:
     split into documents at blank lines, a folder or glob pattern gives one document per file."""
     if corpus == "pystdlib":
         return [], ""
+    pattern = False
     if corpus == "stories":
         path, tag = Path(STORIES), "stories"
         if not path.is_file():
@@ -51,16 +54,19 @@ def corpus_overrides(corpus: str) -> tuple[list[str], str]:
         sep = "\n\n"
     else:
         path = Path(corpus).expanduser()
-        tag = path.stem or "corpus"
-        if any(c in corpus for c in "*?["):
-            sep, path = "", Path(corpus)
+        pattern = any(c in corpus for c in "*?[")
+        # the folder tag: the file's or folder's name (a pattern's last plain folder), in safe characters
+        name = next((p for p in reversed(path.parts) if not any(c in p for c in "*?[")), "") if pattern else path.stem
+        tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(name).stem).strip("_.") or "corpus"
+        if pattern:
+            sep = ""
         elif path.is_file():
             sep = "\n\n"
         elif path.is_dir():
             sep = ""
         else:
             raise ConfigError(f"--corpus {corpus!r}: not one of {', '.join(CORPORA)} and no such file or folder")
-    entry = str(path) if any(c in corpus for c in "*?[") else str(path.resolve())
+    entry = os.path.abspath(path) if pattern else str(path.resolve())
     return [f"task.files=[{json.dumps(entry)}]", f"task.doc_separator={json.dumps(sep)}"], tag
 
 
