@@ -37,6 +37,50 @@ def test_future_targets_stay_inside_the_document_and_the_stream():
                              [2, X, X]]   # x=1: x_{t+2} would be past the end of the stream
 
 
+def _reference_targets(stream: list[int], starts: list[int], length: int, ks, eos_opens: bool, lead: int):
+    """future_targets by the definition, one pair at a time: x is the stream behind ``lead`` EOS tokens; a pair
+    (t, t + k) is kept when x_{t+k} exists and belongs to x_t's document."""
+    x = [E] * lead + stream
+    out = []
+    for s in starts:
+        rows = []
+        for t in range(s, s + length):
+            row = []
+            for k in ks:
+                between = x[t + 1 : t + k] if eos_opens else x[t : t + k]  # where a document boundary would lie
+                row.append(x[t + k] if t + k < len(x) and E not in between else IGNORE)
+            rows.append(row)
+        out.append(rows)
+    return out
+
+
+@pytest.mark.parametrize("eos_opens, lead", [(True, 1), (True, 0), (False, 0)])
+def test_future_targets_match_the_definition_under_both_eos_conventions(eos_opens, lead):
+    gen = torch.Generator().manual_seed(3)
+    stream = torch.randint(1, 5, (300,), generator=gen)
+    stream[torch.rand(300, generator=gen) < 0.15] = E
+    length, ks = 16, (1, 2, 3, 7)
+    starts = list(range(0, 300 + lead - length, length))
+    y = future_targets(stream.to(torch.uint16), torch.tensor(starts), length, ks, E, eos_opens=eos_opens, lead=lead)
+    assert y.tolist() == _reference_targets(stream.tolist(), starts, length, ks, eos_opens, lead)
+
+
+def test_future_targets_when_an_eos_opens_each_document():
+    """eos_position: start, as PackedWindows cuts [EOS] + stream: the targets of position t are those of the model's
+    training (every k = 1 target is scored, an EOS is the first token of its document)."""
+    stream = torch.tensor([5, 6, E, 7, 8, 9, E, 1, 2], dtype=torch.uint16)  # x = [E, 5, 6, E, 7, 8, 9, E, 1, 2]
+    y = future_targets(stream, torch.tensor([0, 4]), 4, (1, 2, 3), E, eos_opens=True, lead=1)
+    X = IGNORE
+    assert y[0].tolist() == [[5, 6, E],   # x=EOS (virtual): the first document and the next one's EOS
+                             [6, E, X],   # x=5
+                             [E, X, X],   # x=6: the next document's EOS is the last target
+                             [7, 8, 9]]   # x=EOS opens the second document
+    assert y[1].tolist() == [[8, 9, E],   # window 2 starts at x=7
+                             [9, E, X],
+                             [E, X, X],
+                             [1, 2, X]]   # x=EOS: x_{t+3} would be past the end of the stream
+
+
 def _one_hot_states(n: int, vocab: int, ks: tuple[int, ...], gen: torch.Generator, noise: float = 0.1) -> States:
     """States whose k-th block is the one-hot of the token k ahead (plus noise): every probe is a linear read-out."""
     y = torch.randint(vocab, (n, len(ks)), generator=gen)
@@ -136,8 +180,7 @@ def text_run(tmp_path_factory):
     cfg = config_from_dict({
         "run_name": "tiny-text", "model": {"n_layer": 2, "n_head": 2, "d_model": 32, "max_seq_len": 32},
         "objective": {"name": "next_token"},
-        "task": {"name": "text", "files": [str(tmp / "corpus.txt")], "doc_separator": SEP, "eos_position": "end",
-                 "vocab_size": 300,
+        "task": {"name": "text", "files": [str(tmp / "corpus.txt")], "doc_separator": SEP, "vocab_size": 300,
                  "seq_len": 32, "val_fraction": 0.2, "cache_dir": str(tmp / "cache"), "eval_tokens": 0},
         "train": {"steps": 3, "batch_size": 4, "lr": 1e-3, "log_every": 1, "progress": False, "device": "cpu",
                   "precision": "fp32"},

@@ -133,25 +133,33 @@ class States:
     ks: tuple[int, ...]
 
 
-def future_targets(stream: Tensor, starts: Tensor, length: int, ks: tuple[int, ...], eos_id: int) -> Tensor:
-    """Tokens k ahead of every position of the windows ``stream[s : s + length]`` for s in ``starts``.
+def future_targets(stream: Tensor, starts: Tensor, length: int, ks: tuple[int, ...], eos_id: int, *,
+                   eos_opens: bool = False, lead: int = 0) -> Tensor:
+    """Tokens k ahead of every position of the windows ``x[s : s + length]`` for s in ``starts``, where x is the
+    stream with ``lead`` virtual EOS tokens in front (a text task's ``PackedWindows.lead``).
 
-    Returns (W, length, K) int64: entry [w, t, j] is ``stream[s_w + t + ks[j]]`` where no EOS lies in
-    ``stream[s_w + t : s_w + t + ks[j]]`` and the index is inside the stream, else IGNORE.
+    Returns (W, length, K) int64: entry [w, t, j] is ``x[s_w + t + ks[j]]`` when that index is inside x and the
+    token belongs to the document of ``x[s_w + t]``, else IGNORE. With ``eos_opens`` (``eos_position: start``) an
+    EOS opens its document: the target may be the next document's EOS but nothing after it, so no EOS may lie in
+    ``x[s_w + t + 1 : s_w + t + k]``. Otherwise an EOS closes its document: it may be the target, but none may lie
+    in ``x[s_w + t : s_w + t + k]`` (nothing is predicted from a closing EOS).
     """
     kmax = max(ks)
-    n = len(stream)
+    n = len(stream) + lead
     k = torch.tensor(ks, dtype=torch.long)  # (K,)
+    t = torch.arange(length)[:, None]  # (T, 1)
+    idx = t + k  # (T, K) offsets into the segment
+    first = t + 1 if eos_opens else t  # (T, 1) the first position an EOS must not occupy
     out = []
     for s in starts.tolist():
-        seg = stream[s : min(n, s + length + kmax)].to(torch.long)  # (L,) the window and the tokens after it
+        pos = torch.arange(s, min(n, s + length + kmax)) - lead  # stream indices; < 0: a leading EOS
+        seg = stream[pos.clamp(min=0)].to(torch.long)  # (L,) the window and the tokens after it
+        seg[pos < 0] = eos_id
         L = len(seg)
         eos_before = torch.zeros(L + 1, dtype=torch.long)  # eos_before[i] = number of EOS in seg[:i]
         eos_before[1:] = torch.cumsum(seg == eos_id, 0)
-        t = torch.arange(length)[:, None]  # (T, 1)
-        idx = t + k  # (T, K)
         inside = idx < L
-        crossed = eos_before[idx.clamp(max=L)] - eos_before[t] > 0  # an EOS among x_t .. x_{t+k-1}
+        crossed = eos_before[idx.clamp(max=L)] - eos_before[first.clamp(max=L)] > 0
         y = seg[idx.clamp(max=L - 1)]
         out.append(torch.where(inside & ~crossed, y, torch.full_like(y, IGNORE)))
     return torch.stack(out)  # (W, T, K)
@@ -167,7 +175,8 @@ def window_starts(n_windows: int, wanted_tokens: int, seq_len: int) -> Tensor:
 def collect_states(model, windows, max_tokens: int, ks: tuple[int, ...], *, batch_size: int = 16,
                    device: torch.device | str = "cpu") -> States:
     """Final hidden states of about ``max_tokens`` positions of ``windows`` (a text task's ``PackedWindows``:
-    ``stream``, ``seq_len``, ``eos_id``, ``get``), and their future tokens (:func:`future_targets`)."""
+    ``stream``, ``seq_len``, ``eos_id``, ``eos_position``, ``lead``, ``get``), and their future tokens
+    (:func:`future_targets`)."""
     idx = window_starts(len(windows), max_tokens, windows.seq_len)
     was_training = model.training
     model.eval()
@@ -178,8 +187,8 @@ def collect_states(model, windows, max_tokens: int, ks: tuple[int, ...], *, batc
             batch = windows.get(chunk).to(device)
             h, _ = model(batch.input_ids, batch.doc_ids)  # (B, T, D)
             hs.append(h.float().flatten(0, 1).cpu())
-            ys.append(future_targets(windows.stream, chunk * windows.seq_len, windows.seq_len, ks,
-                                     windows.eos_id).flatten(0, 1))
+            ys.append(future_targets(windows.stream, chunk * windows.seq_len, windows.seq_len, ks, windows.eos_id,
+                                     eos_opens=windows.eos_position == "start", lead=windows.lead).flatten(0, 1))
     finally:
         model.train(was_training)
     return States(torch.cat(hs), torch.cat(ys), tuple(ks))
