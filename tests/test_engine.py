@@ -68,6 +68,42 @@ def test_cached_logits_equal_uncached():
     assert cache.lengths.tolist() == [24, 24, 24]
 
 
+def test_uniform_and_ragged_caches_compute_the_same_states():
+    """Rows of equal length write keys by slicing and a one-token step runs without a mask; rows of different
+    lengths scatter by row and mask. Forcing the ragged path on equal rows must not change a state."""
+    model, _ = tiny(5)
+    x = torch.randint(0, 40, (3, 14))
+    states = []
+    for uniform in (True, False):
+        cache = model.new_cache(3, 20)
+        out = [model(x[:, :6], cache=cache)[0]]
+        for t in range(6, 14):  # one token per step, as decoding does
+            cache.uniform = uniform
+            out.append(model(x[:, t : t + 1], cache=cache)[0])
+        states.append(torch.cat(out, 1))
+    torch.testing.assert_close(states[0], states[1], atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(states[0], model(x)[0], atol=1e-12, rtol=1e-12)
+
+
+def test_the_cache_knows_on_the_host_whether_its_rows_are_level():
+    model, _ = tiny(6)
+    target = CachedTarget(model, [torch.randint(0, 40, (n,)) for n in (4, 4)], 30)
+    assert target.cache.uniform
+    target.run(torch.randint(0, 40, (2, 3)))
+    target.keep(torch.tensor([1, 3]), [1, 3])
+    assert not target.cache.uniform
+    target.run(torch.randint(0, 40, (2, 2)))
+    target.keep(torch.tensor([2, 0]), [2, 0])  # lengths 4+1+2 and 4+3+0: level again
+    assert target.cache.uniform and target.cache.end == 7
+    assert not CachedTarget(model, [torch.randint(0, 40, (n,)) for n in (3, 5)], 30).cache.uniform
+    cache = model.new_cache(2, 30)
+    model(torch.randint(0, 40, (2, 6)), cache=cache)
+    cache.rollback(torch.tensor([4, 4]))  # lengths read back: level
+    assert cache.uniform
+    cache.rollback(torch.tensor([2, 4]))
+    assert not cache.uniform
+
+
 @pytest.mark.parametrize("target_cls", [CachedTarget, RecomputeTarget])
 def test_targets_with_prompts_of_different_lengths(target_cls):
     model, _ = tiny(1)

@@ -74,7 +74,9 @@ class KVCache:
     k, v: (L, B, Hkv, S_max, Dh). Row b holds ``lengths[b]`` valid positions; anything past that is
     stale and masked out, so rolling back after rejected draft tokens is just lowering the length.
     ``end`` is the longest row's length, kept on the host so that a decoding step never waits for
-    the device to learn how many keys to read.
+    the device to learn how many keys to read. ``uniform`` (host) says every row holds ``end``
+    positions (always so for one row): keys are then written by slicing, and a one-token step
+    needs no mask.
     """
 
     def __init__(self, n_layer: int, batch: int, n_head: int, max_len: int, head_dim: int,
@@ -85,10 +87,15 @@ class KVCache:
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
         self.end = 0
         self.max_len = max_len
+        self.uniform = True
 
     def write(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store (B, H, T, Dh) new keys/values after each row's prefix; return keys/values up to the longest row."""
         B, H, T, Dh = k.shape
+        if self.uniform:
+            self.k[layer, :, :, self.end : self.end + T] = k
+            self.v[layer, :, :, self.end : self.end + T] = v
+            return self.k[layer, :, :, : self.end + T], self.v[layer, :, :, : self.end + T]
         pos = (self.lengths[:, None] + torch.arange(T, device=k.device))[:, None, :, None].expand(B, H, T, Dh)
         self.k[layer].scatter_(2, pos, k.to(self.k.dtype))
         self.v[layer].scatter_(2, pos, v.to(self.v.dtype))
@@ -99,18 +106,21 @@ class KVCache:
         self.lengths = self.lengths + n
         self.end += n
 
-    def rollback(self, lengths: Tensor, end: int | None = None) -> None:
+    def rollback(self, lengths: Tensor, end: int | None = None, uniform: bool | None = None) -> None:
         """Forget every position at or past ``lengths`` (B,), e.g. rejected draft tokens.
 
-        ``end`` is ``max(lengths)`` when the caller knows it on the host (the decoding engine does);
-        without it the lengths are read back and checked, which waits for the device.
+        ``end`` is ``max(lengths)`` and ``uniform`` whether all lengths are equal, when the caller knows
+        them on the host (the decoding engine does); without ``end`` the lengths are read back and
+        checked, which waits for the device. Several rows given ``end`` alone count as not uniform.
         """
         if end is None:
             if bool((lengths > self.lengths).any()):
                 raise ValueError("rollback cannot extend the cache")
             end = int(lengths.max())
+            uniform = bool((lengths == end).all())
         self.lengths = lengths.clone()
         self.end = end
+        self.uniform = len(lengths) == 1 or bool(uniform)
 
 
 @dataclass
@@ -119,8 +129,9 @@ class LayerContext:
 
     cos: Tensor
     sin: Tensor
-    mask: Tensor | None  # (B, 1, T, S) bool, True = may attend; None = plain causal
+    mask: Tensor | None  # (B or 1, 1, T, S) bool, True = may attend; None = see ``causal``
     cache: KVCache | None = None
+    causal: bool = True  # without a mask: causal, or (one new token after a cache) every key
 
 
 class Attention(nn.Module):
@@ -144,7 +155,7 @@ class Attention(nn.Module):
         if ctx.cache is not None:
             k, v = ctx.cache.write(layer, k, v)  # (B, Hkv, S, Dh): everything cached so far plus the new keys
         if ctx.mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **self.sdpa_kwargs)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=ctx.causal, **self.sdpa_kwargs)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, **self.sdpa_kwargs)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
@@ -209,7 +220,7 @@ class Transformer(nn.Module):
         B, T = input_ids.shape
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}")
-        mask = None
+        mask, causal = None, True
         if cache is not None:
             if doc_ids is not None:
                 raise ValueError("packed documents (doc_ids) cannot be decoded with a KV cache")
@@ -219,9 +230,16 @@ class Transformer(nn.Module):
             if end > cache.max_len:
                 raise ValueError(f"KV cache of length {cache.max_len} cannot hold {end} tokens")
             # Query t of row b sits at position lengths[b] + t and sees keys 0 .. lengths[b] + t of its row.
-            position_ids = cache.lengths[:, None] + torch.arange(T, device=input_ids.device)  # (B, T)
             keys = torch.arange(end, device=input_ids.device)
-            mask = (keys[None, None, :] <= position_ids[:, :, None]).unsqueeze(1)  # (B, 1, T, S)
+            if cache.uniform:  # every row at cache.end: positions and mask known on the host
+                position_ids = (cache.end + torch.arange(T, device=input_ids.device)).expand(B, T)
+                if T == 1:
+                    causal = False  # one query sees every key
+                else:
+                    mask = (keys[None, :] <= position_ids[:1, :, None]).unsqueeze(1)  # (1, 1, T, S)
+            else:
+                position_ids = cache.lengths[:, None] + torch.arange(T, device=input_ids.device)  # (B, T)
+                mask = (keys[None, None, :] <= position_ids[:, :, None]).unsqueeze(1)  # (B, 1, T, S)
         elif doc_ids is not None:
             if doc_ids.shape != input_ids.shape:
                 raise ValueError(f"doc_ids shape {tuple(doc_ids.shape)} != input_ids shape {tuple(input_ids.shape)}")
@@ -231,7 +249,7 @@ class Transformer(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
         cos, sin = self.rotary(position_ids)
-        return LayerContext(cos, sin, mask, cache)
+        return LayerContext(cos, sin, mask, cache, causal)
 
     def forward(self, input_ids: Tensor, doc_ids: Tensor | None = None, position_ids: Tensor | None = None,
                 cache: KVCache | None = None) -> tuple[Tensor, Tensor]:

@@ -104,11 +104,13 @@ class MTPDrafter(Drafter):
             self.cache = KVCache(self.max_draft, target.k.shape[1], c.kv_heads, target.max_len, c.head_width,
                                  target.k.device, target.k.dtype)
         # Positions past a row's length are masked and later overwritten, so a reused cache needs no clearing.
-        self.cache.lengths, self.cache.end = target.lengths, target.end
+        self.cache.lengths, self.cache.end, self.cache.uniform = target.lengths, target.end, target.uniform
         return self.cache
 
     def observe(self, x: Tensor, ctx: LayerContext, select: Tensor) -> None:
-        hctx = ctx if ctx.cache is None else LayerContext(ctx.cos, ctx.sin, ctx.mask, self._head_cache(ctx.cache))
+        hctx = ctx
+        if ctx.cache is not None:
+            hctx = LayerContext(ctx.cos, ctx.sin, ctx.mask, self._head_cache(ctx.cache), ctx.causal)
         idx = select[..., None].expand(-1, -1, x.shape[-1])  # (B, K, D)
         out = [self.model.logits(self.mtp.head_state(self.model, x, hctx, k).gather(1, idx))  # (B, K, V) each
                for k in range(1, self.max_draft + 1)]

@@ -88,7 +88,7 @@ class CachedTarget:
         # Right-padded prompts: the padding is written but lies past each row's length, so it is
         # masked out and later overwritten.
         h = _run(model, _pad(prompts, width, device), self.cache, drafter, (lengths - 1)[:, None])
-        self.cache.rollback(lengths, width)
+        self.cache.rollback(lengths, width, uniform=len(set(self.host_lengths)) == 1)
         self.h_last = h[torch.arange(len(prompts), device=device), lengths - 1]  # (B, D)
         self.ids_last = torch.stack([r[-1] for r in prompts]).to(device)  # (B,) the tokens h_last was computed at
 
@@ -102,7 +102,7 @@ class CachedTarget:
     def keep(self, n: Tensor, host_n: list[int]) -> None:
         """Keep the first n (B,) tokens of the last run (``host_n``: the same counts on the host); forget the rest."""
         self.host_lengths = [s + k for s, k in zip(self.host_start, host_n)]
-        self.cache.rollback(self.start + n, max(self.host_lengths))
+        self.cache.rollback(self.start + n, max(self.host_lengths), uniform=len(set(self.host_lengths)) == 1)
 
 
 class RecomputeTarget:
