@@ -7,8 +7,9 @@ the same weights, in one process, interleaved over repeats. A step's cost is mea
 (time to generate 1 + n tokens - time to generate 1 token) / n, so the prefill cancels.
 
 theirs / floor is the largest speedup over ``transformers`` an engine computing the same fp32 products can
-have; theirs / ours is what we have. A second floor with q/k/v and gate/up concatenated into one matrix each
-says what fusing the projections could add.
+have; theirs / ours is what we have, eager and under ``torch.compile`` (compiled before the timed repeats).
+A second floor with q/k/v and gate/up concatenated into one matrix each says what fusing the projections
+could add.
 
     python scripts/bench_decode_floor.py runs/smollm2 --threads 2 --repeats 5 --json results/decode-floor-smollm2-cpu.json
 """
@@ -68,11 +69,11 @@ def main() -> None:
     inputs = {n: torch.randn(1, n) for n in {w.shape[1] for w in plain + fused}}
     n = args.new_tokens
 
-    def ours_step() -> float:
+    def ours_step(compile: bool = False) -> float:
         t0 = time.perf_counter()
-        decode(model, [prompt], 1)
+        decode(model, [prompt], 1, compile=compile)
         t1 = time.perf_counter()
-        decode(model, [prompt], 1 + n)
+        decode(model, [prompt], 1 + n, compile=compile)
         t2 = time.perf_counter()
         return ((t2 - t1) - (t1 - t0)) / n
 
@@ -85,9 +86,12 @@ def main() -> None:
         return ((t2 - t1) - (t1 - t0)) / n
 
     measures = {"floor": lambda: run_chain(plain, inputs, n), "floor_fused": lambda: run_chain(fused, inputs, n),
-                "ours": ours_step, "theirs": theirs_step}
+                "ours": ours_step, "ours_compiled": lambda: ours_step(compile=True), "theirs": theirs_step}
     times: dict[str, list[float]] = {k: [] for k in measures}
     with torch.no_grad():
+        t0 = time.perf_counter()
+        decode(model, [prompt], 3, compile=True)
+        compile_s = time.perf_counter() - t0
         for fn in measures.values():  # warm-up
             fn()
         names = list(measures)
@@ -98,16 +102,17 @@ def main() -> None:
         "theirs_over_floor": [t / f for t, f in zip(times["theirs"], times["floor"])],
         "theirs_over_floor_fused": [t / f for t, f in zip(times["theirs"], times["floor_fused"])],
         "theirs_over_ours": [t / o for t, o in zip(times["theirs"], times["ours"])],
+        "theirs_over_ours_compiled": [t / o for t, o in zip(times["theirs"], times["ours_compiled"])],
         "ours_over_floor": [o / f for o, f in zip(times["ours"], times["floor"])],
     }
     weight_mb = sum(w.numel() * w.element_size() for w in plain) / 2**20
     report = {"checkpoint": args.checkpoint, "threads": torch.get_num_threads(), "repeats": args.repeats,
-              "new_tokens": n, "prompt_len": args.prompt_len, "weights_read_per_step_MiB": weight_mb,
+              "new_tokens": n, "prompt_len": args.prompt_len, "compile_s": compile_s, "weights_read_per_step_MiB": weight_mb,
               "step_ms": {k: dict(zip(("median", "min", "max"), (1e3 * x for x in spread(v)))) for k, v in times.items()},
               "ratios": {k: dict(zip(("median", "min", "max"), spread(v))) for k, v in ratio.items()},
               "floor_GiB_per_s": weight_mb / 1024 / statistics.median(times["floor"])}
     print(f"{args.checkpoint}: {weight_mb:.0f} MiB of weights per step, {report['threads']} threads, "
-          f"{args.repeats} repeats")
+          f"{args.repeats} repeats; compilation {compile_s:.0f} s, not timed")
     for k, v in report["step_ms"].items():
         print(f"  {k:12s} {v['median']:7.2f} ms/step [{v['min']:.2f}, {v['max']:.2f}]")
     for k, v in report["ratios"].items():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import shutil
 
 import pytest
 import torch
@@ -401,3 +402,26 @@ def test_broken_acceptance_rule_is_detected(monkeypatch):
     samples = sampled_runs(model, drafter, prompt, 3, sampling, total=16000, gamma=3)
     stat, df = chi_square(samples, expected)
     assert stat > chi2_critical(df), (stat, df)
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                    reason="torch.compile on a CPU needs a C++ compiler")
+def test_compiled_decoding_computes_what_eager_decoding_does():
+    """``compile=True`` runs the decode steps as one graph with dynamic shapes: in float64 its logits equal eager
+    decoding's at every step, its tokens are the same, and a growing cache does not recompile the graph."""
+    from torch._dynamo.utils import counters
+
+    model, _ = tiny(7, std=0.3)
+    prompts = random_prompts(1, 40, seed=7)
+    eager, compiled = Stepper(model), Stepper(model, compile=True)
+    with torch.no_grad():
+        a, b = eager.start(prompts), compiled.start(prompts)
+        graphs = None
+        for t in range(20):
+            torch.testing.assert_close(b, a, atol=1e-12, rtol=1e-12)
+            tok = a.argmax(-1)
+            a, b = eager.step(tok), compiled.step(tok)
+            if t == 3:
+                graphs = counters["stats"]["unique_graphs"]  # compiled by now, for the first and later lengths
+        assert counters["stats"]["unique_graphs"] == graphs  # 16 more steps, each one key longer: no new graph
+    assert decode(model, prompts, 12, compile=True).tokens == decode(model, prompts, 12).tokens

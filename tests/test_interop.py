@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -242,6 +243,23 @@ def test_exported_model_generates_as_ours(tmp_path, transformers_f64):
         top = ours_logits[7:-1].topk(2).values
         assert (top[:, 0] - top[:, 1]).min().item() > 2 * diff
         assert ours == theirs
+
+
+def test_bench_decode_times_transformers_and_compiled_decoding_side_by_side(tmp_path):
+    """The plumbing of ``bench-decode --vs-transformers --compile`` on a tiny imported model: every side decodes
+    every prompt in every repeat, and the report holds each side's ratio spread and output comparison."""
+    pytest.importorskip("transformers")
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("torch.compile on a CPU needs a C++ compiler")
+    import_hf(write_folder(tmp_path / "hf", llama_config()), tmp_path / "run")
+    assert main(["bench-decode", str(tmp_path / "run"), "--prompts", "2", "--prompt-len", "5", "--max-new-tokens",
+                 "4", "--repeats", "2", "--threads", "1", "--compile", "--json", str(tmp_path / "b.json")]) == 0
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert set(report["tokens_per_s"]) == {"nextlat", "nextlat_compiled", "transformers"}
+    assert report["compile_s"] > 0 and report["repeats"] == 2
+    for side in report["sides"].values():
+        assert side["ratio_min"] <= side["ratio_median"] <= side["ratio_max"]
+        assert len(side["outputs"]) == 2 and 0 <= side["identical_share"] <= 1
 
 
 def test_chat_template_renders_as_transformers(tmp_path):

@@ -270,10 +270,12 @@ def _cmd_bench_decode(args: argparse.Namespace) -> int:
         return 0
     if args.prompt_file:
         raise ValueError("--prompt-file applies to an imported model with a fitted --drafter folder")
+    if args.compile and not (args.vs_transformers or from_hf(args.checkpoint)):
+        raise ValueError("--compile applies to --vs-transformers (and imported models)")
     if args.vs_transformers or from_hf(args.checkpoint):
         bench_vs_transformers(args.checkpoint, n_prompts=args.prompts, prompt_len=args.prompt_len,
                               max_new_tokens=args.max_new_tokens, repeats=args.repeats, threads=args.threads,
-                              json_out=args.json)
+                              compile=args.compile, json_out=args.json)
         return 0
     bench_decode(args.checkpoint, n_prompts=args.prompts, prompt_len=args.prompt_len,
                  max_new_tokens=args.max_new_tokens, gammas=args.gammas, adaptive=args.adaptive,
@@ -484,6 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--vs-transformers", action="store_true", help="time our KV-cached greedy decoding against "
                    "transformers' generate on the same weights (greedy, batch 1; the default for an imported model)")
     d.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    d.add_argument("--compile", action="store_true", help="with --vs-transformers: also time our decoding under "
+                   "torch.compile (compiled once before the timed repeats)")
     d.set_defaults(func=_cmd_bench_decode)
 
     fd = sub.add_parser("fit-drafter", help="fit a NextLat drafter (p_psi) to a frozen model: hidden states cached "

@@ -89,11 +89,13 @@ def agreement(checkpoint: str | Path, *, n_prompts: int = 16, prompt_len: int = 
 
 
 def bench_vs_transformers(checkpoint: str, *, n_prompts: int = 8, prompt_len: int = 64, max_new_tokens: int = 64,
-                          repeats: int = 3, threads: int = 0, json_out: str | None = None) -> dict:
+                          repeats: int = 3, threads: int = 0, compile: bool = False, json_out: str | None = None) -> dict:
     """Our KV-cached greedy decoding against ``transformers`` ``generate`` (greedy, batch 1, KV cache), in one
-    process on the same threads, weights and prompts, interleaved: each repeat decodes every prompt with both,
-    alternating which goes first. Both always emit ``max_new_tokens`` (no stop token). The ratio of a repeat is
-    their time / ours; outputs are compared token by token (first difference and our margin there)."""
+    process on the same threads, weights and prompts, interleaved: each repeat decodes every prompt with every
+    side, rotating which goes first. Every side emits ``max_new_tokens`` (no stop token). A side's ratio in a
+    repeat is their time / its time; outputs are compared token by token with theirs (first difference and our
+    margin there). ``compile`` adds our decoding under ``torch.compile`` as a third side (its compilation is
+    timed once, before the repeats, and reported apart)."""
     from nextlat.decoding.engine import decode
     from nextlat.training.build import load_components
 
@@ -103,45 +105,60 @@ def bench_vs_transformers(checkpoint: str, *, n_prompts: int = 8, prompt_len: in
     model = comps.model.eval()
     hf = load_transformers(checkpoint)
     prompts = comps.task.prompts(n_prompts, prompt_len, seed=0)
+    sides = {"nextlat": lambda p: decode(model, [p], max_new_tokens).tokens[0],
+             "transformers": lambda p: _greedy_theirs(hf, p, max_new_tokens)}
+    compile_s = None
     with torch.no_grad():
-        decode(model, [prompts[0]], 2)  # warm-up, both sides
-        _greedy_theirs(hf, prompts[0], 2)
-        ours_t, theirs_t, outs_ours, outs_theirs = [], [], [], []
+        if compile:
+            t0 = time.perf_counter()
+            decode(model, [prompts[0]], 3, compile=True)  # compiles the step graph (and its dynamic-shape version)
+            compile_s = time.perf_counter() - t0
+            sides["nextlat_compiled"] = lambda p: decode(model, [p], max_new_tokens, compile=True).tokens[0]
+        for side in sides.values():  # warm-up
+            side(prompts[0])
+        names = list(sides)
+        seconds = {name: [] for name in names}
+        outputs: dict[str, list[list[int]]] = {name: [] for name in names}
         for r in range(repeats):
-            t_ours = t_theirs = 0.0
+            total = dict.fromkeys(names, 0.0)
             for i, p in enumerate(prompts):
-                for side in ((0, 1) if (r + i) % 2 == 0 else (1, 0)):
+                k = (r + i) % len(names)
+                for name in names[k:] + names[:k]:
                     t0 = time.perf_counter()
-                    if side == 0:
-                        ours = decode(model, [p], max_new_tokens).tokens[0]
-                        t_ours += time.perf_counter() - t0
-                    else:
-                        theirs = _greedy_theirs(hf, p, max_new_tokens)
-                        t_theirs += time.perf_counter() - t0
-                if r == 0:
-                    outs_ours.append(ours)
-                    outs_theirs.append(theirs)
-            ours_t.append(t_ours)
-            theirs_t.append(t_theirs)
-        compared = [greedy_comparison(model, p, a, b) for p, a, b in zip(prompts, outs_ours, outs_theirs)]
+                    out = sides[name](p)
+                    total[name] += time.perf_counter() - t0
+                    if r == 0:
+                        outputs[name].append(out)
+            for name in names:
+                seconds[name].append(total[name])
+        compared = {name: [greedy_comparison(model, p, a, b) for p, a, b in
+                           zip(prompts, outputs[name], outputs["transformers"])]
+                    for name in names if name != "transformers"}
     tokens = len(prompts) * max_new_tokens
-    ratios = [b / a for a, b in zip(ours_t, theirs_t)]
     report = {
         "checkpoint": str(checkpoint), "step": meta["step"], "threads": torch.get_num_threads(), "batch_size": 1,
         "prompts": len(prompts), "prompt_len": prompt_len, "max_new_tokens": max_new_tokens, "repeats": repeats,
-        "ours_tokens_per_s": tokens / statistics.median(ours_t), "theirs_tokens_per_s": tokens / statistics.median(theirs_t),
-        **dict(zip(("ratio_median", "ratio_min", "ratio_max"), spread(ratios))),
-        "identical_share": sum(c["identical"] for c in compared) / len(compared), "outputs": compared,
+        "tokens_per_s": {name: tokens / statistics.median(v) for name, v in seconds.items()},
+        "compile_s": compile_s, "sides": {},
     }
+    for name, comp in compared.items():
+        ratios = [b / a for a, b in zip(seconds[name], seconds["transformers"])]
+        report["sides"][name] = {**dict(zip(("ratio_median", "ratio_min", "ratio_max"), spread(ratios))),
+                                 "identical_share": sum(c["identical"] for c in comp) / len(comp), "outputs": comp}
     print(f"greedy decoding, batch 1, {len(prompts)} prompts x {max_new_tokens} new tokens, {repeats} repeats, "
-          f"{report['threads']} threads")
-    print(f"nextlat      {report['ours_tokens_per_s']:8.1f} tok/s")
-    print(f"transformers {report['theirs_tokens_per_s']:8.1f} tok/s")
-    print(f"ratio (ours / theirs tokens per s) {report['ratio_median']:.2f} [{report['ratio_min']:.2f}, "
-          f"{report['ratio_max']:.2f}]; identical outputs {report['identical_share']:.0%}")
-    for i, c in enumerate(compared):
-        if not c["identical"]:
-            print(f"  prompt {i}: first difference at new token {c['first_difference']}, our margin {c['margin']:.3g}")
+          f"{report['threads']} threads" + (f"; compilation {compile_s:.0f} s, not timed below" if compile else ""))
+    for name, tps in report["tokens_per_s"].items():
+        line = f"{name:17s} {tps:8.1f} tok/s"
+        if name in report["sides"]:
+            side = report["sides"][name]
+            line += (f"   x{side['ratio_median']:.2f} [{side['ratio_min']:.2f}, {side['ratio_max']:.2f}] of transformers, "
+                     f"identical outputs {side['identical_share']:.0%}")
+        print(line)
+    for name, comp in compared.items():
+        for i, c in enumerate(comp):
+            if not c["identical"]:
+                print(f"  {name} prompt {i}: first difference at new token {c['first_difference']}, "
+                      f"our margin {c['margin']:.3g}")
     if json_out:
         write_json(report, json_out)
     return report

@@ -60,10 +60,22 @@ def _pad(rows: list[Tensor], width: int, device: torch.device) -> Tensor:
     return ids
 
 
-def _run(model: Transformer, ids: Tensor, cache: KVCache | None, drafter: Drafter | None, select: Tensor) -> Tensor:
-    """Final hidden states (B, T, D) of ``ids``; a drafter with ``trunk_layers`` observes the trunk on the way."""
+def compiled_forward(model: Transformer) -> Callable:
+    """``model.forward`` under ``torch.compile``, made once per model and kept on it (not a submodule, so not in
+    its state dict). Shapes are dynamic: the cache grows by a token each step, which must not recompile. The
+    first calls compile (tens of seconds on a CPU); later ones run one fused graph, without Python per op."""
+    fn = model.__dict__.get("_compiled_forward")
+    if fn is None:
+        fn = model.__dict__["_compiled_forward"] = torch.compile(model.forward, dynamic=True)
+    return fn
+
+
+def _run(model: Transformer, ids: Tensor, cache: KVCache | None, drafter: Drafter | None, select: Tensor,
+         forward: Callable | None = None) -> Tensor:
+    """Final hidden states (B, T, D) of ``ids``; a drafter with ``trunk_layers`` observes the trunk on the way.
+    ``forward`` replaces ``model.forward`` where no drafter observes (e.g. :func:`compiled_forward`)."""
     if drafter is None or drafter.trunk_layers is None:
-        return model(ids, cache=cache)[0]
+        return (forward or model)(ids, cache=cache)[0]
     x, _, ctx = model.forward_layers(ids, cache=cache, n_layers=drafter.trunk_layers)
     drafter.observe(x, ctx, select)
     return model.norm(model.continue_layers(x, ctx, drafter.trunk_layers))
@@ -73,12 +85,15 @@ class CachedTarget:
     """The target model behind a KV cache: each call runs only the new tokens.
 
     ``run`` appends tokens; ``keep`` forgets all but the first n of the last run. Row lengths are
-    known on the host as well as on the device, so neither waits for the device.
+    known on the host as well as on the device, so neither waits for the device. With ``compile``,
+    runs after the prefill go through :func:`compiled_forward`.
     """
 
-    def __init__(self, model: Transformer, prompts: list[Tensor], max_len: int, drafter: Drafter | None = None):
+    def __init__(self, model: Transformer, prompts: list[Tensor], max_len: int, drafter: Drafter | None = None,
+                 compile: bool = False):
         device = model.lm_head.weight.device
         self.model, self.drafter = model, drafter
+        self.forward = compiled_forward(model) if compile else None
         self.host_lengths = [len(r) for r in prompts]
         width = max(self.host_lengths)
         if width > max_len:
@@ -97,7 +112,8 @@ class CachedTarget:
         self.start, self.host_start = self.cache.lengths, self.host_lengths
         B, K = tokens.shape
         self.host_lengths = [n + K for n in self.host_lengths]
-        return _run(self.model, tokens, self.cache, self.drafter, torch.arange(K, device=tokens.device).expand(B, K))
+        return _run(self.model, tokens, self.cache, self.drafter, torch.arange(K, device=tokens.device).expand(B, K),
+                    self.forward)
 
     def keep(self, n: Tensor, host_n: list[int]) -> None:
         """Keep the first n (B,) tokens of the last run (``host_n``: the same counts on the host); forget the rest."""
@@ -137,10 +153,15 @@ class RecomputeTarget:
 
 
 def prefill(model: Transformer, prompts: list[Tensor], max_len: int, *, use_cache: bool = True,
-            drafter: Drafter | None = None) -> CachedTarget | RecomputeTarget:
+            drafter: Drafter | None = None, compile: bool = False) -> CachedTarget | RecomputeTarget:
     """Run the prompts through the target (``target.h_last``: each row's last hidden state (B, D);
-    ``target.ids_last``: each row's last prompt token (B,), the token that state was computed at)."""
-    return (CachedTarget if use_cache else RecomputeTarget)(model, prompts, max_len, drafter)
+    ``target.ids_last``: each row's last prompt token (B,), the token that state was computed at).
+    ``compile`` (cached target only): later runs use :func:`compiled_forward`."""
+    if not use_cache:
+        if compile:
+            raise ValueError("compile needs the KV cache (use_cache=True)")
+        return RecomputeTarget(model, prompts, max_len, drafter)
+    return CachedTarget(model, prompts, max_len, drafter, compile)
 
 
 def _check_budget(model: Transformer, prompts: list[Tensor], max_new_tokens: int, extra: int) -> int:
@@ -211,12 +232,13 @@ class Stepper:
     :class:`Sampling` choosing.
     """
 
-    def __init__(self, model: Transformer, *, head: Head | None = None, use_cache: bool = True):
-        self.model, self.head, self.use_cache = model, head or lm_head(model), use_cache
+    def __init__(self, model: Transformer, *, head: Head | None = None, use_cache: bool = True, compile: bool = False):
+        self.model, self.head, self.use_cache, self.compile = model, head or lm_head(model), use_cache, compile
 
     def start(self, prompts: Tensor | list[Tensor], max_len: int | None = None) -> Tensor:
         rows = _as_rows(prompts)
-        self.target = prefill(self.model, rows, max_len or self.model.cfg.max_seq_len, use_cache=self.use_cache)
+        self.target = prefill(self.model, rows, max_len or self.model.cfg.max_seq_len, use_cache=self.use_cache,
+                              compile=self.compile)
         return self.head(self.target.h_last, self.target.ids_last)
 
     def step(self, tokens: Tensor) -> Tensor:
@@ -227,17 +249,18 @@ class Stepper:
 def decode(model: Transformer, prompts: Tensor | list[Tensor], max_new_tokens: int, *,
            sampling: Sampling = GREEDY, generator: torch.Generator | None = None, stop_id: int | None = None,
            use_cache: bool = True, head: Head | None = None,
-           on_token: Callable[[Tensor], None] | None = None) -> Generation:
+           on_token: Callable[[Tensor], None] | None = None, compile: bool = False) -> Generation:
     """Ordinary decoding: one target forward pass per new token (KV-cached unless use_cache=False).
 
     ``on_token`` is called with each step's (B,) tokens as they are chosen, e.g. to stream text (reading
-    them on the host waits for the device once per step).
+    them on the host waits for the device once per step). ``compile``: the steps run the model under
+    ``torch.compile`` (:func:`compiled_forward`; the first call pays the compilation).
     """
     rows = _as_rows(prompts)
     B, device = len(rows), model.lm_head.weight.device
     stats, clock = DecodeStats(), _Clock(device)
     t0 = clock.mark()
-    stepper = Stepper(model, head=head, use_cache=use_cache)
+    stepper = Stepper(model, head=head, use_cache=use_cache, compile=compile)
     logits = stepper.start(rows, _check_budget(model, rows, max_new_tokens, 0))
     clock.add("prefill", t0, clock.mark())
     out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
