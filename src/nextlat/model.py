@@ -71,8 +71,9 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class KVCache:
     """Preallocated keys and values written by position, one length per row.
 
-    k, v: (L, B, Hkv, S_max, Dh). Row b holds ``lengths[b]`` valid positions; anything past that is
-    stale and masked out, so rolling back after rejected draft tokens is just lowering the length.
+    k[i], v[i]: layer i's (B, Hkv, S_max, Dh), one tensor per layer (a compiled step then updates each in
+    place instead of copying one shared buffer); ``shape`` is (L, B, Hkv, S_max, Dh). Row b holds
+    ``lengths[b]`` valid positions; anything past that is stale and masked out, so rolling back after rejected draft tokens is just lowering the length.
     ``end`` is the longest row's length, kept on the host so that a decoding step never waits for
     the device to learn how many keys to read. ``uniform`` (host) says every row holds ``end``
     positions (always so for one row): keys are then written by slicing, and a one-token step
@@ -81,9 +82,10 @@ class KVCache:
 
     def __init__(self, n_layer: int, batch: int, n_head: int, max_len: int, head_dim: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-        shape = (n_layer, batch, n_head, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.shape = (n_layer, batch, n_head, max_len, head_dim)
+        self.dtype, self.device = dtype, torch.device(device)
+        self.k = [torch.zeros(self.shape[1:], device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.zeros(self.shape[1:], device=device, dtype=dtype) for _ in range(n_layer)]
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
         self.end = 0
         self.max_len = max_len
@@ -92,14 +94,15 @@ class KVCache:
     def write(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store (B, H, T, Dh) new keys/values after each row's prefix; return keys/values up to the longest row."""
         B, H, T, Dh = k.shape
+        keys, values = self.k[layer], self.v[layer]
         if self.uniform:
-            self.k[layer, :, :, self.end : self.end + T] = k
-            self.v[layer, :, :, self.end : self.end + T] = v
-            return self.k[layer, :, :, : self.end + T], self.v[layer, :, :, : self.end + T]
-        pos = (self.lengths[:, None] + torch.arange(T, device=k.device))[:, None, :, None].expand(B, H, T, Dh)
-        self.k[layer].scatter_(2, pos, k.to(self.k.dtype))
-        self.v[layer].scatter_(2, pos, v.to(self.v.dtype))
-        return self.k[layer, :, :, : self.end + T], self.v[layer, :, :, : self.end + T]
+            keys[:, :, self.end : self.end + T] = k
+            values[:, :, self.end : self.end + T] = v
+        else:
+            pos = (self.lengths[:, None] + torch.arange(T, device=k.device))[:, None, :, None].expand(B, H, T, Dh)
+            keys.scatter_(2, pos, k.to(self.dtype))
+            values.scatter_(2, pos, v.to(self.dtype))
+        return keys[:, :, : self.end + T], values[:, :, : self.end + T]
 
     def advance(self, n: int) -> None:
         """Every row now holds ``n`` more positions (the ones just written); ``lengths`` is replaced, not changed."""
@@ -224,8 +227,8 @@ class Transformer(nn.Module):
         if cache is not None:
             if doc_ids is not None:
                 raise ValueError("packed documents (doc_ids) cannot be decoded with a KV cache")
-            if cache.k.shape[1] != B:
-                raise ValueError(f"KV cache holds batch size {cache.k.shape[1]}, input has {B}")
+            if cache.shape[1] != B:
+                raise ValueError(f"KV cache holds batch size {cache.shape[1]}, input has {B}")
             end = cache.end + T
             if end > cache.max_len:
                 raise ValueError(f"KV cache of length {cache.max_len} cannot hold {end} tokens")

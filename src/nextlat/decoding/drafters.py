@@ -98,11 +98,11 @@ class MTPDrafter(Drafter):
 
     def _head_cache(self, target: KVCache) -> KVCache:
         c = self.model.cfg
-        shape = (self.max_draft, *target.k.shape[1:])
-        if self.cache is None or self.cache.k.shape != shape or self.cache.k.dtype != target.k.dtype \
-                or self.cache.k.device != target.k.device:
-            self.cache = KVCache(self.max_draft, target.k.shape[1], c.kv_heads, target.max_len, c.head_width,
-                                 target.k.device, target.k.dtype)
+        shape = (self.max_draft, *target.shape[1:])
+        if self.cache is None or self.cache.shape != shape or self.cache.dtype != target.dtype \
+                or self.cache.device != target.device:
+            self.cache = KVCache(self.max_draft, target.shape[1], c.kv_heads, target.max_len, c.head_width,
+                                 target.device, target.dtype)
         # Positions past a row's length are masked and later overwritten, so a reused cache needs no clearing.
         self.cache.lengths, self.cache.end, self.cache.uniform = target.lengths, target.end, target.uniform
         return self.cache
