@@ -73,7 +73,8 @@ class KVCache:
 
     k[i], v[i]: layer i's (B, Hkv, S_max, Dh), one tensor per layer (a compiled step then updates each in
     place instead of copying one shared buffer); ``shape`` is (L, B, Hkv, S_max, Dh). Row b holds
-    ``lengths[b]`` valid positions; anything past that is stale and masked out, so rolling back after rejected draft tokens is just lowering the length.
+    ``lengths[b]`` valid positions; anything past that is stale and masked out, so rolling back after
+    rejected draft tokens is just lowering the length.
     ``end`` is the longest row's length, kept on the host so that a decoding step never waits for
     the device to learn how many keys to read. ``uniform`` (host) says every row holds ``end``
     positions (always so for one row): keys are then written by slicing, and a one-token step
