@@ -425,3 +425,13 @@ def test_compiled_decoding_computes_what_eager_decoding_does():
                 graphs = counters["stats"]["unique_graphs"]  # compiled by now, for the first and later lengths
         assert counters["stats"]["unique_graphs"] == graphs  # 16 more steps, each one key longer: no new graph
     assert decode(model, prompts, 12, compile=True).tokens == decode(model, prompts, 12).tokens
+    # The module guards are skipped; a dtype change is still caught (by the KV cache's guards) and recompiled.
+    model.float()
+    eager, compiled = Stepper(model), Stepper(model, compile=True)
+    with torch.no_grad():
+        a, b = eager.start(prompts), compiled.start(prompts)
+        for _ in range(3):
+            assert b.dtype == torch.float32
+            torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+            tok = a.argmax(-1)
+            a, b = eager.step(tok), compiled.step(tok)
