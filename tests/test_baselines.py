@@ -160,7 +160,8 @@ def test_mtp_drafter_reads_the_heads_through_its_own_cache(make_model, make_obje
 
 def _fetch_by_hand(fetch, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
     """The fetch module written out for one position: h (D,), e (L, D) -> (L, D). LayerNorm of e + gamma h,
-    per-head causal attention with the learned (query slot, key slot) bias, output projection, RMSNorm; no h residual."""
+    per-head causal attention with the learned (query slot, key slot) bias, output projection, (+ h with
+    fetch_residual) RMSNorm."""
     L, D = e.shape
     H = fetch.n_head
     Dh = D // H
@@ -176,7 +177,8 @@ def _fetch_by_hand(fetch, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
             for j in range(L):
                 scores[i, j] = scores[i, j] + fetch.rel_bias[hd, i, j] if j <= i else float("-inf")
         heads.append(torch.softmax(scores, -1) @ val[:, sl])
-    return _rms(torch.cat(heads, -1) @ fetch.o_proj.weight.T, fetch.norm.weight)
+    y = torch.cat(heads, -1) @ fetch.o_proj.weight.T
+    return _rms(y + h if fetch.residual else y, fetch.norm.weight)
 
 
 def _jtp(make_model, make_objective, n_head: int = 2, **kw):
@@ -193,10 +195,12 @@ def _jtp(make_model, make_objective, n_head: int = 2, **kw):
     return model, obj
 
 
-@pytest.mark.parametrize("n_head, d, lam", [(2, 3, 0.6), (8, 2, 1.0), (2, 3, 0.0)])
-def test_jtp_matches_loop_reference(make_model, make_objective, packed_batch, n_head, d, lam):
+@pytest.mark.parametrize("n_head, d, lam, residual", [(2, 3, 0.6, False), (8, 2, 1.0, False), (2, 3, 0.0, False),
+                                                      (2, 3, 0.6, True)])
+def test_jtp_matches_loop_reference(make_model, make_objective, packed_batch, n_head, d, lam, residual):
     """Every slot of every position through the fetch module by hand, per document: slot 0 is the ``ce`` term."""
-    model, obj = _jtp(make_model, make_objective, n_head, horizon=d, lambda_future=lam)
+    model, obj = _jtp(make_model, make_objective, n_head, horizon=d, lambda_future=lam, fetch_residual=residual)
+    assert obj.fetch.residual == residual
     fetch = obj.fetch
     assert fetch.n_head == min(4, n_head)
     out = obj(model, packed_batch)

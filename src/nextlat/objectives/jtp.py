@@ -7,6 +7,8 @@ TC(h_t, E(x_t)), TC(h_t, E(x_{t+1})), ..., TC(h_t, E(x_{t+d})), with TC(h, e) = 
 and gamma a learned scalar starting at 0.1, go through one causal self-attention layer (at most 4
 heads, a learned bias for every (query slot, key slot) pair), then an RMSNorm and the backbone's
 LM head. There is no residual from h_t around the attention: h_t reaches the logits only through TC.
+``objective.fetch_residual`` adds h_t back before the final norm, as our design notes read the JTP paper;
+it is off by default (the NextLat code's version) and kept as an ablation.
 
 Slot j has seen x_t..x_{t+j} and predicts x_{t+j+1}. Slot 0 sees only TC(h_t, E(x_t)), and x_t is
 the token fed at t, so it is an ordinary causal next-token predictor: it gives the ``ce`` term in
@@ -34,10 +36,13 @@ MAX_HEADS = 4
 
 class Fetch(nn.Module):
     """(h_t, E(x_t..x_{t+j})) -> normalised states predicting x_{t+j+1}: one causal attention layer over
-    up to d + 1 slots, with a learned (heads, d + 1, d + 1) bias, then RMSNorm; no residual from h_t."""
+    up to d + 1 slots, with a learned (heads, d + 1, d + 1) bias, then RMSNorm; no residual from h_t unless
+    ``residual`` (then RMSNorm(h_t + attention output))."""
 
-    def __init__(self, d_model: int, n_head: int, horizon: int, init_std: float = 0.02, eps: float = 1e-5):
+    def __init__(self, d_model: int, n_head: int, horizon: int, init_std: float = 0.02, eps: float = 1e-5,
+                 residual: bool = False):
         super().__init__()
+        self.residual = residual
         self.n_head = min(MAX_HEADS, n_head)
         if d_model % self.n_head:
             raise ValueError(f"objective jtp: model.d_model={d_model} must divide into the fetch module's "
@@ -63,7 +68,8 @@ class Fetch(nn.Module):
         causal = torch.ones(L, L, dtype=torch.bool, device=e.device).tril()
         bias = self.rel_bias[:, :L, :L].masked_fill(~causal, float("-inf"))  # (H, L, L)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
-        return self.norm(self.o_proj(y.transpose(1, 2).reshape(N, L, D)))
+        y = self.o_proj(y.transpose(1, 2).reshape(N, L, D))
+        return self.norm(y + h[:, None] if self.residual else y)
 
 
 @dataclass
@@ -71,6 +77,9 @@ class JTPConfig(FutureTokenConfig):
     """JTP's settings: d future tokens (``horizon``) and the weight of their mean loss."""
 
     name: str = "jtp"
+    fetch_residual: bool = False
+    """Add h_t back to the fetch module's attention output before its norm (an ablation; the NextLat paper's
+    code has no such residual)."""
 
 
 class JointTokenPrediction(FutureTokenObjective):
@@ -94,7 +103,7 @@ class JointTokenPrediction(FutureTokenObjective):
     def __init__(self, cfg: JTPConfig, model: Transformer):
         super().__init__(cfg, model)
         mc = model.cfg
-        self.fetch = Fetch(mc.d_model, mc.n_head, cfg.horizon, mc.init_std, mc.norm_eps)
+        self.fetch = Fetch(mc.d_model, mc.n_head, cfg.horizon, mc.init_std, mc.norm_eps, cfg.fetch_residual)
 
     def forward(self, model: Transformer, batch: Batch) -> LossOutput:
         h, emb = model(batch.input_ids, batch.doc_ids)  # (B, T, D) each
