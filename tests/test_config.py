@@ -20,7 +20,15 @@ from nextlat.config import (
     recipe_names,
     set_dotted,
 )
-from nextlat.registry import build_task, config_from_dict, load_config, objective_class, objective_settings, task_class
+from nextlat.registry import (
+    build_task,
+    config_from_dict,
+    load_config,
+    objective_class,
+    objective_config,
+    objective_settings,
+    task_class,
+)
 from nextlat.tasks.pathstar import PathStarConfig
 from nextlat.training.build import build
 
@@ -215,7 +223,7 @@ def test_shipped_recipes_resolve_as_in_0_1_0():
     (proj_factor 0.5); it now names next_latent with those same settings.
 
     Settings added since 0.1.0 (the model features real checkpoints need, the text task's EOS token, the
-    distributed-training settings, Countdown's prompt format and sampled evaluation) must hold their defaults,
+    distributed-training settings, Countdown's prompt format and sampled evaluation, JTP's fetch residual) must hold their defaults,
     which reproduce 0.1.0; they are then left out of the comparison. One default deliberately does not: the
     text task's ``eos_position`` is ``start`` (the official convention: an EOS opens each document and its
     first token is scored), where 0.1.0 closed documents with it; a run saved before the setting reads back
@@ -232,6 +240,10 @@ def test_shipped_recipes_resolve_as_in_0_1_0():
         objective = "next_latent" if name == "bench-train" else old["objective"]["name"]
         own = objective_settings(objective)
         assert set(new["objective"]) == own, name
+        objective_defaults = dataclasses.asdict(objective_config(objective))
+        for key in [k for k in new["objective"] if k not in old["objective"]]:  # e.g. jtp's fetch_residual
+            assert new["objective"].pop(key) == objective_defaults[key], (name, "objective", key)
+            own = own - {key}
         old = {**old, "objective": {k: v for k, v in {**old["objective"], "name": objective}.items() if k in own}}
         assert new == old, name
 
