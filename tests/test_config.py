@@ -223,11 +223,11 @@ def test_shipped_recipes_resolve_as_in_0_1_0():
     (proj_factor 0.5); it now names next_latent with those same settings.
 
     Settings added since 0.1.0 (the model features real checkpoints need, the text task's EOS token, the
-    distributed-training settings, Countdown's prompt format and sampled evaluation, JTP's fetch residual) must
-    hold their defaults, which reproduce 0.1.0; they are then left out of the comparison. One default
-    deliberately does not: the text task's ``eos_position`` is ``start`` (the official convention: an EOS opens each document and its
-    first token is scored), where 0.1.0 closed documents with it; a run saved before the setting reads back
-    with ``end`` (``upgrade_config``, tested in test_text.py)."""
+    distributed-training settings, Countdown's prompt format and sampled evaluation, JTP's fetch residual)
+    must hold their defaults, which reproduce 0.1.0; they are then left out of the comparison. One default
+    deliberately does not: the text task's ``eos_position`` is ``start`` (the official convention: an EOS
+    opens each document and its first token is scored), where 0.1.0 closed documents with it; a run saved
+    before the setting reads back with ``end`` (``upgrade_config``, tested in test_text.py)."""
     before = json.loads((Path(__file__).parent / "data" / "recipes-resolved-0.1.0.json").read_text())
     assert set(before) <= set(recipe_names())  # recipes added since (lm-*) have no 0.1.0 form to compare with
     for name, old in before.items():
