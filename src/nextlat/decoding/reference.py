@@ -33,7 +33,7 @@ def objective_head(model: Transformer, objective=None) -> Head:
     """The head that plain (goal-free) decoding and evaluation use for a model trained with ``objective``:
     its ``decoding_head(model)`` (JTP's fetch module; the LM head for most objectives), or the LM head when
     there is no objective or it needs a suffix to decode towards (BST: pass its ``decoding_head(model, suffix)``)."""
-    if objective is None or getattr(objective, "goal_conditioned", False):
+    if objective is None or getattr(objective, "goal_conditioned", False) or not hasattr(objective, "decoding_head"):
         return lm_head(model)
     return objective.decoding_head(model)
 
