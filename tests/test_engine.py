@@ -435,3 +435,17 @@ def test_compiled_decoding_computes_what_eager_decoding_does():
             torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
             tok = a.argmax(-1)
             a, b = eager.step(tok), compiled.step(tok)
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                    reason="torch.compile on a CPU needs a C++ compiler")
+def test_compiled_decoding_keeps_each_models_graphs_apart():
+    """Two models whose KV caches have the same layout (layers, KV heads, head width) but whose weights differ in
+    shape: each compiled model runs its own graph. The module guards are skipped, so a graph shared between
+    models would be run on the second model's weights with the first model's shapes."""
+    prompts = random_prompts(2, 40, seed=3)
+    for vocab, width, heads in ((40, 32, 2), (50, 64, 4)):
+        torch.manual_seed(vocab)
+        model = Transformer(ModelConfig(vocab_size=vocab, n_layer=2, n_head=heads, n_kv_head=2, head_dim=16,
+                                        d_model=width, max_seq_len=64, init_std=0.3)).eval().double()
+        assert decode(model, prompts, 6, compile=True).tokens == decode(model, prompts, 6).tokens

@@ -27,6 +27,7 @@ tokens once (plus once per draft step with ``adaptive``). Ids are validated at t
 from __future__ import annotations
 
 import time
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -68,10 +69,15 @@ def compiled_forward(model: Transformer) -> Callable:
     Guards on the model's modules are skipped (about 1 ms a step for a 30-layer model on a CPU): its
     parameters are still read at every call, so weights updated in place are used, but the module structure
     must not change once compiled. A change of dtype or device is caught by the guards kept on the KV cache,
-    which is made in the weights' dtype and device."""
+    which is made in the weights' dtype and device. Dynamo keeps its graphs per code object, and without the
+    module guards nothing would tell two models apart, so each model compiles its own copy of ``forward``'s
+    code: one model's graph never runs on another's weights, and no model uses up another's recompile limit."""
     fn = model.__dict__.get("_compiled_forward")
     if fn is None:
-        fn = torch.compile(model.forward, dynamic=True,
+        f = type(model).forward
+        own = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+        own.__kwdefaults__ = f.__kwdefaults__
+        fn = torch.compile(types.MethodType(own, model), dynamic=True,
                            options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
         model.__dict__["_compiled_forward"] = fn
     return fn
