@@ -5,15 +5,18 @@ from the rest), code (Python's standard library: files split by a hash of their 
 from function starts of the other), chat (user questions from templates: fitting questions and held-out
 questions on other topics). Prompts are .jsonl files, one JSON string a line.
 
-    python scripts/drafter_data.py [OUT]
+    python scripts/drafter_data.py [OUT] [--fit-chars N]
+
+The first measurement used 160,000 characters per text domain; the second ``--fit-chars 1200000`` (stories
+then take all of their 85%: about 660,000 characters).
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import random
-import sys
 import sysconfig
 from pathlib import Path
 
@@ -25,7 +28,11 @@ TEMPLATES = ["Explain {} in simple terms.", "What are three interesting facts ab
              "Why is {} important?"]
 FIT_TOPICS = ["photosynthesis", "the moon", "volcanoes", "healthy sleep", "learning a new language", "recycling",
               "the water cycle", "electric cars", "bees", "the internet", "exercise", "saving money", "rainbows",
-              "the human heart", "chess", "gardening"]
+              "the human heart", "chess", "gardening", "the ocean", "dinosaurs", "clouds", "the solar system",
+              "bread baking", "music", "trees", "the brain", "airplanes", "honey", "magnets", "the desert",
+              "mountains", "vaccines", "batteries", "the printing press", "elephants", "rivers", "snow",
+              "computers", "the olympics", "teamwork", "time management", "reading books", "wind power", "owls",
+              "the seasons", "climate change", "robots", "ancient Egypt", "kindness", "pizza"]
 TEST_TOPICS = ["black holes", "coffee", "earthquakes", "public speaking", "penguins", "solar panels", "friendship",
                "the Roman empire"]
 
@@ -74,10 +81,14 @@ def chat(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    out = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/drafter-data")
+    p = argparse.ArgumentParser()
+    p.add_argument("out", nargs="?", default="runs/drafter-data")
+    p.add_argument("--fit-chars", type=int, default=160_000, help="fitting characters per text domain (at most)")
+    args = p.parse_args()
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stories(out)
-    code(out)
+    stories(out, args.fit_chars)
+    code(out, args.fit_chars)
     chat(out)
     for f in sorted(out.iterdir()):
         print(f, f.stat().st_size)

@@ -3,6 +3,7 @@ a few prompts per domain, every setting interleaved per prompt; prints tokens/s,
 by slot, and writes JSON.
 
     python scripts/drafter_gamma_sweep.py RUN DRAFTER OUT.json PROMPTS.jsonl[:chat] ... [--prompts 4 --tokens 128]
+        [--compile]
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--compile", action="store_true", help="the target under torch.compile (plain and verify passes)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     run = run_folder(args.run)
@@ -41,7 +43,9 @@ def main() -> None:
     drafter = load_drafter(args.drafter, model)
     report = {}
     with torch.no_grad():
-        decode(model, [torch.tensor([1, 2, 3])], 4)
+        warm = [torch.tensor([1, 2, 3])]
+        decode(model, warm, 4, compile=args.compile)  # compiles, with --compile, before anything is timed
+        speculative_decode(model, drafter, warm, 8, gamma=3, compile=args.compile)
         for spec in args.files:
             path, _, chat = spec.partition(":")
             prompts = [torch.tensor(i) for i in _prompt_ids(run, tok, _read_prompts(path), chat == "chat")][: args.prompts]
@@ -52,10 +56,10 @@ def main() -> None:
                 for name, gamma, threshold in order:
                     t0 = time.perf_counter()
                     if gamma is None:
-                        decode(model, [prompt], args.tokens)
+                        decode(model, [prompt], args.tokens, compile=args.compile)
                     else:
                         stats[name].append(speculative_decode(model, drafter, [prompt], args.tokens, gamma=gamma,
-                                                              adaptive=threshold).stats)
+                                                              adaptive=threshold, compile=args.compile).stats)
                     times[name] += time.perf_counter() - t0
             rows = {}
             for name, _, _ in SETTINGS:
@@ -77,7 +81,8 @@ def main() -> None:
                for name, _, _ in SETTINGS}
     print("geometric mean speedup over plain:", {k: round(v, 2) for k, v in summary.items()})
     with open(args.out, "w") as f:
-        json.dump({"prompts": args.prompts, "tokens": args.tokens, "threads": args.threads, "domains": report,
+        json.dump({"prompts": args.prompts, "tokens": args.tokens, "threads": args.threads, "compile": args.compile,
+                   "domains": report,
                    "geomean_speedup": summary}, f, indent=2)
 
 

@@ -449,3 +449,17 @@ def test_compiled_decoding_keeps_each_models_graphs_apart():
         model = Transformer(ModelConfig(vocab_size=vocab, n_layer=2, n_head=heads, n_kv_head=2, head_dim=16,
                                         d_model=width, max_seq_len=64, init_std=0.3)).eval().double()
         assert decode(model, prompts, 6, compile=True).tokens == decode(model, prompts, 6).tokens
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                    reason="torch.compile on a CPU needs a C++ compiler")
+def test_compiled_speculative_decoding_is_token_identical():
+    """``speculative_decode(compile=True)`` runs the verify passes (gamma + 1 tokens, one graph for every length
+    above 1) compiled; greedy output is still plain greedy's, for static and adaptive drafting (float64)."""
+    model, drafter = tiny(8, std=0.3)
+    prompts = random_prompts(3, 40, seed=8)
+    ref = reference(model, prompts, 24)
+    for gamma, adaptive in [(3, None), (5, 0.5)]:
+        assert speculative_decode(model, drafter, prompts, 24, gamma=gamma, adaptive=adaptive, compile=True).tokens == ref
+        single = speculative_decode(model, drafter, prompts[:1], 24, gamma=gamma, adaptive=adaptive, compile=True)
+        assert single.tokens == ref[:1]

@@ -303,7 +303,8 @@ def _bench_fitted_drafter(args: argparse.Namespace) -> None:
     for temperature in args.temperatures:
         bench_drafter_vs_transformers(args.checkpoint, args.drafter, prompts, max_new_tokens=args.max_new_tokens or 128,
                                       temperature=temperature, gamma=args.gamma, adaptive=args.adaptive_threshold,
-                                      repeats=args.repeats, label=args.label or str(args.prompt_file or "task prompts"),
+                                      repeats=args.repeats, compile=args.compile,
+                                      label=args.label or str(args.prompt_file or "task prompts"),
                                       json_out=args.json and args.json.replace(".json", f"-T{temperature:g}.json"))
 
 
@@ -487,7 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "transformers' generate on the same weights (greedy, batch 1; the default for an imported model)")
     d.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     d.add_argument("--compile", action="store_true", help="with --vs-transformers: also time our decoding under "
-                   "torch.compile (compiled once before the timed repeats)")
+                   "torch.compile (compiled once before the timed repeats); with a fitted drafter: our speculative and "
+                   "plain decoding both run compiled")
     d.set_defaults(func=_cmd_bench_decode)
 
     fd = sub.add_parser("fit-drafter", help="fit a NextLat drafter (p_psi) to a frozen model: hidden states cached "

@@ -184,11 +184,12 @@ def _sample_theirs(hf, prompt: torch.Tensor, n: int, temperature: float, lookup:
 def bench_drafter_vs_transformers(checkpoint: str, drafter_dir: str, prompts: list[torch.Tensor], *,
                                   max_new_tokens: int = 128, temperature: float = 0.0, gamma: int = 4,
                                   adaptive: float | None = None, repeats: int = 3, lookup: int = 10,
-                                  label: str = "", json_out: str | None = None) -> dict:
+                                  compile: bool = False, label: str = "", json_out: str | None = None) -> dict:
     """Our speculative decoding with a fitted drafter (``nextlat fit-drafter``) against ``transformers`` generate
     (plain, and with prompt lookup decoding), and against our own plain decoding, batch 1, in one process on the
     same threads and prompts. Each repeat decodes every prompt with every method, in an order rotated per prompt;
-    a method's ratio in a repeat is its time / speculative time. All emit ``max_new_tokens`` (no stop token)."""
+    a method's ratio in a repeat is its time / speculative time. All emit ``max_new_tokens`` (no stop token).
+    ``compile``: both of our methods run the target under ``torch.compile`` (compiled in the warm-up)."""
 
     from nextlat.decoding.engine import decode, speculative_decode
     from nextlat.decoding.sampling import Sampling
@@ -204,13 +205,13 @@ def bench_drafter_vs_transformers(checkpoint: str, drafter_dir: str, prompts: li
 
     def ours_spec(p, seed):
         res = speculative_decode(model, drafter, [p], max_new_tokens, gamma=gamma, adaptive=adaptive, sampling=sampling,
-                                 generator=torch.Generator().manual_seed(seed))
+                                 generator=torch.Generator().manual_seed(seed), compile=compile)
         spec_stats.append(res.stats)
         return res.tokens[0]
 
     methods = {
         "speculative": ours_spec,
-        "nextlat": lambda p, seed: decode(model, [p], max_new_tokens, sampling=sampling,
+        "nextlat": lambda p, seed: decode(model, [p], max_new_tokens, sampling=sampling, compile=compile,
                                           generator=torch.Generator().manual_seed(seed)).tokens[0],
         "transformers": lambda p, seed: _sample_theirs(hf, p, max_new_tokens, temperature, 0, seed),
         "transformers_lookup": lambda p, seed: _sample_theirs(hf, p, max_new_tokens, temperature, lookup, seed),
@@ -244,6 +245,7 @@ def bench_drafter_vs_transformers(checkpoint: str, drafter_dir: str, prompts: li
         "threads": torch.get_num_threads(), "batch_size": 1, "prompts": len(prompts),
         "prompt_len": [len(p) for p in prompts], "max_new_tokens": max_new_tokens, "repeats": repeats,
         "temperature": temperature, "gamma": gamma, "adaptive": adaptive, "prompt_lookup_num_tokens": lookup,
+        "compile": compile,
         "tokens_per_s": {n: tokens / statistics.median(times[n]) for n in names},
         "speedup": {n: dict(zip(("median", "min", "max"), spread(b / a for a, b in zip(times["speculative"], times[n]))))
                     for n in names[1:]},
@@ -259,7 +261,7 @@ def bench_drafter_vs_transformers(checkpoint: str, drafter_dir: str, prompts: li
                                                                               outputs["transformers"])) / len(prompts)
     sp = report["speedup"]
     print(f"{label}: {len(prompts)} prompts x {max_new_tokens} tokens, T={temperature}, gamma={gamma}, adaptive="
-          f"{adaptive}, {repeats} repeats, {report['threads']} threads")
+          f"{adaptive}, {repeats} repeats, {report['threads']} threads" + (", ours compiled" if compile else ""))
     print("  speculative over " + ", ".join(f"{n} {v['median']:.2f}x [{v['min']:.2f}, {v['max']:.2f}]"
                                             for n, v in sp.items()))
     print(f"  accepted/round {report['accepted_per_round']:.2f}, by slot "

@@ -386,12 +386,13 @@ def accept(logits: Tensor, d: Draft, sampling: Sampling, generator: torch.Genera
 def speculative_decode(model: Transformer, drafter: Drafter, prompts: Tensor | list[Tensor], max_new_tokens: int, *,
                        gamma: int = 4, adaptive: float | None = None, sampling: Sampling = GREEDY,
                        generator: torch.Generator | None = None, stop_id: int | None = None,
-                       use_cache: bool = True, head: Head | None = None) -> Generation:
+                       use_cache: bool = True, head: Head | None = None, compile: bool = False) -> Generation:
     """Lossless speculative decoding with per-row acceptance: rounds of draft, verify, accept, roll back.
 
     gamma: draft tokens per round (the maximum when adaptive; capped by ``drafter.max_draft``).
     adaptive: if set, stop drafting once every active row's drafter top probability falls below
-    this threshold.
+    this threshold. ``compile``: the verify passes run the target under ``torch.compile``
+    (:func:`compiled_forward`, as in :func:`decode`; a drafter that observes the trunk runs it eagerly).
     """
     if gamma < 1:
         raise ValueError(f"gamma={gamma}: must be >= 1")
@@ -406,7 +407,7 @@ def speculative_decode(model: Transformer, drafter: Drafter, prompts: Tensor | l
     # Room for a round's drafts past the last emitted token, twice: a row that finishes mid-round keeps
     # its accepted drafts and is still run (its output ignored) through later rounds.
     budget = _check_budget(model, rows, max_new_tokens, draft_room(gamma))
-    target = prefill(model, rows, budget, use_cache=use_cache, drafter=drafter)
+    target = prefill(model, rows, budget, use_cache=use_cache, drafter=drafter, compile=compile)
     h_last, last_index = target.h_last, torch.zeros(B, dtype=torch.long, device=device)
     pending = sampling.choose(head(h_last, target.ids_last), generator)  # (B,), exact: from the target itself
     clock.add("prefill", t0, clock.mark())
