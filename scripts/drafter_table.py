@@ -15,7 +15,8 @@ def cell(s: dict) -> str:
 
 def main(paths: list[str]) -> None:
     print("| domain | T | over transformers | over transformers lookup | over nextlat plain | spec tok/s | "
-          "accepted/round | acceptance by slot | draft step ms (/ target step) | verify pass ms (/ target step) | identical |")
+          "accepted/round | acceptance by slot | draft step ms (/ target step) | verify pass ms (/ target step) | "
+          "identical |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for p in paths:
         r = json.load(open(p))
